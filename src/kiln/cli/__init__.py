@@ -1,0 +1,1 @@
+"""The workstation CLI: argparse front, one module per command group."""

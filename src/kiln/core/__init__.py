@@ -1,0 +1,1 @@
+"""Shared plumbing: user errors, the subprocess gateway, atomic file writes, progress."""

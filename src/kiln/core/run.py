@@ -1,0 +1,96 @@
+"""The one gateway through which Kiln starts other programs.
+
+Centralising it gives one place for logging, for turning a missing tool into a clear error
+with the Debian package that provides it, and for surfacing a failed command's stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kiln.core.errors import KilnError
+
+log = logging.getLogger("kiln.run")
+
+# Which Debian package provides each external tool the toolkit uses (for hints).
+TOOL_PACKAGES: dict[str, str] = {
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+    "mkfs.erofs": "erofs-utils",
+    "fsck.erofs": "erofs-utils",
+    "veritysetup": "cryptsetup-bin",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "mkfs.ext4": "e2fsprogs",
+    "grub-mkimage": "grub-common",
+    "grub-editenv": "grub-common",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "zstd": "zstd",
+    "depmod": "kmod",
+    "readelf": "binutils",
+    "sgdisk": "gdisk",
+    "chroot": "coreutils",
+}
+
+
+class CommandError(KilnError):
+    """A command Kiln ran exited non-zero."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        super().__init__(
+            f"command failed (exit {returncode}): {shlex.join(argv)}" + (f"\n{tail}" if tail else "")
+        )
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def which(tool: str) -> str:
+    found = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found is None:
+        pkg = TOOL_PACKAGES.get(tool)
+        raise KilnError(
+            f"required tool '{tool}' is not installed",
+            hint=f"apt-get install {pkg}" if pkg else "run 'make setup'",
+        )
+    return found
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    capture: bool = True,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command; raise CommandError (with its stderr) when it fails and `check` is set."""
+    args = [str(a) for a in argv]
+    args[0] = which(args[0]) if "/" not in args[0] else args[0]
+    full_env = dict(os.environ)
+    full_env.setdefault("LC_ALL", "C.UTF-8")
+    if env:
+        full_env.update(env)
+    log.debug("run: %s", shlex.join(args))
+    proc = subprocess.run(
+        args,
+        cwd=cwd,
+        env=full_env,
+        input=input,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(args, proc.returncode, (proc.stderr or b"").decode(errors="replace"))
+    return proc

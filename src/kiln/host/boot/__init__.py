@@ -1,0 +1,1 @@
+"""Boot pipeline steps that run in the host: readiness, slot confirmation, DATA growth."""
