@@ -19,7 +19,7 @@ from kiln.core.run import run
 from kiln.image import cpio
 
 INIT = Path(__file__).with_name("data") / "init"
-BINARIES = {"bin/busybox": "busybox", "bin/dmsetup": "dmsetup", "bin/mke2fs": "mke2fs"}
+BINARIES = {"bin/busybox": "busybox", "usr/sbin/dmsetup": "dmsetup", "usr/sbin/mke2fs": "mke2fs"}
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "usr/lib64")
 LOADER = "lib64/ld-linux-x86-64.so.2"
 

@@ -1,0 +1,1 @@
+"""Boot Kiln images under QEMU: the runner behind `kiln run` and the VM test harness."""

@@ -1,0 +1,274 @@
+"""Run a Kiln disk image in QEMU with OVMF, on a copy-on-write overlay.
+
+The original image is never written: QEMU boots a qcow2 overlay backed by it (or, for tests
+that need to inspect the disk afterwards, a sparse raw copy). TCG is the default since
+KVM is often absent or unusable; KVM is used only when it really works. QEMU runs in its
+own process group so callers can always end it and everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from kiln.core.errors import KilnError
+from kiln.core.run import run, which
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+READY_RE = re.compile(r"kiln: ready version=(\S+) variant=(\S+) slot=([AB])")
+
+
+def kvm_usable() -> bool:
+    """True only if /dev/kvm opens and can create a VM (not merely exists)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if fcntl.ioctl(fd, 0xAE00) != 12:  # KVM_GET_API_VERSION
+            return False
+        vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
+        os.close(vm)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Forward:
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> Forward:
+        m = re.fullmatch(r"(\d{1,5}):(\d{1,5})", spec)
+        if not m:
+            raise KilnError(f"--forward '{spec}': expected HOSTPORT:GUESTPORT")
+        return cls(int(m[1]), int(m[2]))
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    image: Path
+    workdir: Path  # overlay and firmware variables live here
+    memory_mib: int = 1024
+    cpus: int = 1
+    forwards: tuple[Forward, ...] = ()
+    accel: str = "auto"  # auto, tcg or kvm
+    overlay: bool = True  # False: boot `image` itself (callers pass a copy they own)
+    extra_args: tuple[str, ...] = ()
+
+    def argv(self, disk: Path, vars_fd: Path) -> list[str]:
+        accel = self.accel
+        if accel == "auto":
+            accel = "kvm" if kvm_usable() else "tcg"
+        fmt = "qcow2" if self.overlay else "raw"
+        net = "user,model=virtio-net-pci" + "".join(
+            f",hostfwd=tcp:127.0.0.1:{f.host_port}-:{f.guest_port}" for f in self.forwards
+        )
+        return [
+            which("qemu-system-x86_64"),
+            "-machine", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            "-m", str(self.memory_mib), "-smp", str(self.cpus),
+            "-nographic", "-no-user-config", "-nodefaults",
+            "-serial", "stdio", "-monitor", "none",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
+            "-drive", f"if=virtio,format={fmt},file={disk},cache=unsafe" if self.overlay
+            else f"if=virtio,format={fmt},file={disk}",
+            "-nic", net,
+            "-device", "virtio-rng-pci",
+            *self.extra_args,
+        ]
+
+
+class Vm:
+    """A running QEMU. Serial output is collected by a thread and searchable with wait_for."""
+
+    def __init__(self, cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None = None) -> None:
+        self.cfg = cfg
+        self.serial_log = serial_log
+        self.echo = echo
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._buf = ""
+        self._pos = 0  # wait_for searches from here
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self.started_at = 0.0
+        self.boots: list[float] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> Vm:
+        if not OVMF_CODE.is_file():
+            raise KilnError(f"UEFI firmware {OVMF_CODE} is missing", hint="apt-get install ovmf")
+        if not self.cfg.image.is_file():
+            raise KilnError(f"disk image {self.cfg.image} does not exist")
+        self.cfg.workdir.mkdir(parents=True, exist_ok=True)
+        vars_fd = self.cfg.workdir / "OVMF_VARS.fd"
+        shutil.copy(OVMF_VARS, vars_fd)
+        disk = self.cfg.image
+        if self.cfg.overlay:
+            disk = self.cfg.workdir / "overlay.qcow2"
+            disk.unlink(missing_ok=True)
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk])
+        argv = self.cfg.argv(disk, vars_fd)
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name="qemu-serial", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        log = open(self.serial_log, "a", buffering=1, errors="replace") if self.serial_log else None  # noqa: SIM115
+        try:
+            fd = self.proc.stdout.fileno()
+            while chunk := os.read(fd, 4096):
+                text = chunk.decode(errors="replace").replace("\r", "")
+                if log:
+                    log.write(text)
+                if self.echo:
+                    self.echo.write(text)
+                    self.echo.flush()
+                with self._cond:
+                    self._buf += text
+                    self._cond.notify_all()
+        finally:
+            if log:
+                log.close()
+            with self._cond:
+                self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """End QEMU and its process group (only what we started)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self._reader:
+            self._reader.join(timeout=5)
+
+    def shutdown(self, timeout: float = 60) -> None:
+        """Ask the guest to power off (SysRq-free: via the serial shell if there is one)."""
+        if not self.running:
+            return
+        try:
+            self.wait_exit(timeout)
+        except KilnError:
+            pass
+        self.kill()
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise KilnError(f"QEMU did not exit within {timeout:.0f} s") from None
+
+    # ---------------------------------------------------------------- serial console
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return self._buf
+
+    def mark(self) -> int:
+        """Only output after this point counts for the next wait_for."""
+        with self._cond:
+            self._pos = len(self._buf)
+            return self._pos
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait until `pattern` appears in serial output after the last match/mark."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = rx.search(self._buf, self._pos)
+                if m:
+                    self._pos = m.end()
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running and not (self._reader and self._reader.is_alive()):
+                    tail = self._buf[-3000:]
+                    why = "timed out" if left <= 0 else "QEMU exited"
+                    raise KilnError(f"{why} waiting for {rx.pattern!r} on the serial console; last output:\n{tail}")
+                self._cond.wait(min(left, 1.0))
+
+    def wait_ready(self, timeout: float = 180) -> re.Match[str]:
+        return self.wait_for(READY_RE, timeout)
+
+    def send(self, text: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    # ---------------------------------------------------------------- debug shell
+    _seq = 0
+
+    def sh(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a command in the debug-console root shell; returns (exit status, output).
+
+        Only images built with --debug-console have that shell. The end marker is computed
+        by the shell so the echoed command line never matches it.
+        """
+        Vm._seq += 1
+        n = Vm._seq
+        self.mark()
+        self.send(f"echo KS$((0+{n}))K; {command}; echo KE$((0+{n}))K $?\n")
+        start = self.wait_for(rf"KS{n}K\n", timeout)
+        end = self.wait_for(rf"KE{n}K (\d+)", timeout)
+        out = self.output[start.end():end.start()]
+        return int(end.group(1)), out
+
+    def check(self, command: str, timeout: float = 60) -> str:
+        status, out = self.sh(command, timeout)
+        if status != 0:
+            raise KilnError(f"guest command failed ({status}): {command}\n{out}")
+        return out
+
+
+@contextlib.contextmanager
+def booted(cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None = None) -> Iterator[Vm]:
+    vm = Vm(cfg, serial_log, echo).start()
+    try:
+        yield vm
+    finally:
+        vm.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse_forwards(specs: Sequence[str]) -> tuple[Forward, ...]:
+    return tuple(Forward.parse(s) for s in specs)
+
+
+__all__ = ["READY_RE", "Forward", "Vm", "VmConfig", "booted", "field", "free_port", "kvm_usable", "parse_forwards"]
