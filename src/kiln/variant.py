@@ -24,7 +24,7 @@ MiB = 1024 * 1024
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(?:[-+][0-9A-Za-z.-]+)?$")
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_UNIT_RE = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|target|timer|mount|path)$")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|target|timer|mount|automount|path|slice|device|swap)$")
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,99 @@
+"""`kiln run`: boot an image in QEMU on a copy-on-write overlay."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
 from kiln.core.errors import KilnError
-def register(sub):  # placeholder until the runner lands
-    pass
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="boot an image in QEMU (the image itself is never modified)")
+    p.add_argument("image", type=Path, help="disk image, or a build directory containing disk.img")
+    p.add_argument("--headless", action="store_true",
+                   help="no console: wait for the ready line, report, then power off (see --keep-running)")
+    p.add_argument("--keep-running", action="store_true", help="with --headless: stay up until Ctrl-C")
+    p.add_argument("--serial-log", type=Path, help="append the serial console to this file")
+    p.add_argument("--forward", action="append", default=[], metavar="HOSTPORT:GUESTPORT",
+                   help="forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (repeatable)")
+    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--memory", type=int, default=1024, help="MiB")
+    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                   help="auto uses KVM only when it really works here")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the ready line")
+    p.add_argument("--json", action="store_true", help="with --headless: print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _image(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "disk.img"
+    if not path.is_file():
+        raise KilnError(f"no disk image at {path}", hint="build one with 'kiln build'")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.vm.qemu import Vm, VmConfig, parse_forwards
+
+    image = _image(args.image)
+    with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
+        cfg = VmConfig(image, Path(tmp), memory_mib=args.memory, cpus=args.cpus,
+                       forwards=parse_forwards(args.forward), accel=args.accel)
+        if not args.headless:
+            vm = Vm(cfg, interactive=True).start()
+            print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)
+            try:
+                return vm.wait_exit(timeout=10**9)
+            except KeyboardInterrupt:
+                vm.shutdown()
+                return 130
+        return _headless(Vm(cfg, serial_log=args.serial_log), args)
+
+
+def _headless(vm: object, args: argparse.Namespace) -> int:
+    from kiln.vm.qemu import Vm
+
+    assert isinstance(vm, Vm)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    quiet = args.json
+    vm.start()
+    try:
+        if not quiet:
+            print(f"kiln: booting {vm.cfg.image} ({'serial log: ' + str(args.serial_log) if args.serial_log else 'headless'})",
+                  file=sys.stderr)
+        ready = vm.wait_ready(args.timeout)
+        seconds = time.monotonic() - vm.started_at
+        report = vm.wait_for(r"kiln: status (.*)\n", 30).group(1)
+        info = {"ready": ready.group(0), "version": ready.group(1), "variant": ready.group(2),
+                "slot": ready.group(3), "seconds_to_ready": round(seconds, 1), "status": report}
+        if quiet:
+            print(json.dumps(info))
+        else:
+            print(ready.group(0))
+            print(f"kiln: ready after {seconds:.1f} s; {report}")
+        if args.keep_running:
+            if not quiet:
+                print("kiln: running; Ctrl-C powers the guest off", file=sys.stderr)
+            vm.wait_exit(timeout=10**9)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if vm.running:
+            if not quiet:
+                print("kiln: powering off", file=sys.stderr)
+            clean = vm.shutdown()
+            if not quiet:
+                print(f"kiln: guest {'powered off cleanly' if clean else 'killed'}", file=sys.stderr)
+    return 0

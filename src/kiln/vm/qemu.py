@@ -9,7 +9,6 @@ own process group so callers can always end it and everything it started.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -30,22 +29,27 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 READY_RE = re.compile(r"kiln: ready version=(\S+) variant=(\S+) slot=([AB])")
 
 
+_KVM: bool | None = None
+
+
 def kvm_usable() -> bool:
-    """True only if /dev/kvm opens and can create a VM (not merely exists)."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if fcntl.ioctl(fd, 0xAE00) != 12:  # KVM_GET_API_VERSION
-            return False
-        vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
-        os.close(vm)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    """True only if a KVM guest really starts here (an openable /dev/kvm is not enough:
+    on some hosts QEMU aborts setting MSRs). Probed once, by running QEMU for 1.5 s."""
+    global _KVM
+    if _KVM is None:
+        _KVM = False
+        if os.access("/dev/kvm", os.R_OK | os.W_OK) and shutil.which("qemu-system-x86_64"):
+            argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64",
+                    "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "none"]
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=1.5)
+            except subprocess.TimeoutExpired:
+                _KVM = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return _KVM
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class VmConfig:
     overlay: bool = True  # False: boot `image` itself (callers pass a copy they own)
     extra_args: tuple[str, ...] = ()
 
-    def argv(self, disk: Path, vars_fd: Path) -> list[str]:
+    def argv(self, disk: Path, vars_fd: Path, interactive: bool = False) -> list[str]:
         accel = self.accel
         if accel == "auto":
             accel = "kvm" if kvm_usable() else "tcg"
@@ -85,7 +89,8 @@ class VmConfig:
             "-machine", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-m", str(self.memory_mib), "-smp", str(self.cpus),
             "-nographic", "-no-user-config", "-nodefaults",
-            "-serial", "stdio", "-monitor", "none",
+            "-serial", "mon:stdio" if interactive else "stdio", "-monitor", "none",
+            "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
             "-drive", f"if=virtio,format={fmt},file={disk},cache=unsafe" if self.overlay
@@ -99,8 +104,11 @@ class VmConfig:
 class Vm:
     """A running QEMU. Serial output is collected by a thread and searchable with wait_for."""
 
-    def __init__(self, cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None = None) -> None:
+    def __init__(
+        self, cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None = None, interactive: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.interactive = interactive
         self.serial_log = serial_log
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
@@ -125,8 +133,11 @@ class Vm:
             disk = self.cfg.workdir / "overlay.qcow2"
             disk.unlink(missing_ok=True)
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk])
-        argv = self.cfg.argv(disk, vars_fd)
+        argv = self.cfg.argv(disk, vars_fd, self.interactive)
         self.started_at = time.monotonic()
+        if self.interactive:  # the terminal is QEMU's: Ctrl-A X quits, Ctrl-A C is the monitor
+            self.proc = subprocess.Popen(argv, start_new_session=False)
+            return self
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -171,15 +182,20 @@ class Vm:
         if self._reader:
             self._reader.join(timeout=5)
 
-    def shutdown(self, timeout: float = 60) -> None:
-        """Ask the guest to power off (SysRq-free: via the serial shell if there is one)."""
+    def shutdown(self, timeout: float = 90) -> bool:
+        """Press the ACPI power button and wait for a clean power-off; kill after `timeout`.
+
+        Returns whether the guest powered off by itself."""
         if not self.running:
-            return
+            return True
         try:
+            qmp(self.cfg.workdir / "qmp.sock", "system_powerdown")
             self.wait_exit(timeout)
-        except KilnError:
-            pass
+            clean = True
+        except (KilnError, OSError):
+            clean = False
         self.kill()
+        return clean
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
@@ -257,6 +273,26 @@ def booted(cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None =
         yield vm
     finally:
         vm.kill()
+
+
+def qmp(sock_path: Path, command: str, timeout: float = 5) -> dict[str, object]:
+    """Send one QMP command to a running QEMU and return its reply."""
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock_path))
+        f = s.makefile("rwb")
+        json.loads(f.readline())  # greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while True:
+                reply: dict[str, object] = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        return reply
 
 
 def free_port() -> int:

@@ -26,6 +26,25 @@ def ready_line(osr: dict[str, str], slot: str) -> str:
     return f"kiln: ready version={osr.get('VERSION_ID', '?')} variant={osr.get('VARIANT_ID', '?')} slot={slot}"
 
 
+def status_line() -> str:
+    """A one-line summary for the console: how the root is mounted and what runs."""
+    import subprocess
+
+    mounts = {}
+    for line in Path("/proc/mounts").read_text().splitlines():
+        dev, mnt, fstype, opts = line.split()[:4]
+        mounts[mnt] = (dev, fstype, opts.split(",")[0])
+    root = mounts.get("/", ("?", "?", "?"))
+    verity = "dm-verity" if root[0].startswith("/dev/mapper/kiln-root") or root[0].startswith("/dev/dm-") else root[0]
+    units = subprocess.run(
+        ["systemctl", "list-units", "--type=service", "--state=running", "--no-legend", "--plain"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()
+    services = sorted(u.removesuffix(".service") for u in units if u.endswith(".service"))
+    return (f"kiln: status root={verity},{root[1]},{root[2]} etc={mounts.get('/etc', ('?', '?'))[1]} "
+            f"local={mounts.get('/local', ('?', '?'))[1]} services={','.join(services)}")
+
+
 def main() -> int:
     slot = booted_slot()
     if slot is None:
@@ -39,6 +58,7 @@ def main() -> int:
     # The serial getty may hang up /dev/ttyS0 users; /dev/console always reaches the log.
     with open("/dev/console", "w") as console:
         print(ready_line(os_release(), slot), file=console, flush=True)
+        print(status_line(), file=console, flush=True)
     return 0
 
 
