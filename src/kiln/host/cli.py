@@ -34,27 +34,40 @@ def cmd_slot(args: argparse.Namespace) -> int:
 
     slots = Slots.open(image=args.image, active=args.active)
     if args.slot_command == "status":
-        _print_status(slots.state(), args.json)
+        _print_status(slots.state(), bool(args.json))
     elif args.slot_command == "has-boot-ever-succeeded":
         ever = slots.state().ever_succeeded
-        print(json.dumps({"ever_succeeded": ever}) if args.json else str(ever).lower())
+        print(json.dumps({"ever_succeeded": ever}) if bool(args.json) else str(ever).lower())
     else:
         st = slots.apply(args.slot_command)
-        if args.json:
+        if bool(args.json):
             print(json.dumps(st.to_json(), indent=2))
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def options(p: argparse.ArgumentParser, default: object) -> None:
+        # Accepted before or after the subcommand: `kiln slot --json status` = `kiln slot status --json`.
+        p.add_argument("--image", type=Path, default=default, help="work on a disk image file instead of this host")
+        p.add_argument("--active", choices=("A", "B"), default=default,
+                       help="the slot to treat as running (with --image)")
+        p.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+
     slot = sub.add_parser("slot", help="A/B slot state (signpost)")
-    slot.add_argument("--image", type=Path, help="work on a disk image file instead of this host")
-    slot.add_argument("--active", choices=("A", "B"), help="the slot to treat as running (with --image)")
-    slot.add_argument("--json", action="store_true", help="machine-readable output")
+    options(slot, None)
     ssub = slot.add_subparsers(dest="slot_command", required=True)
-    ssub.add_parser("status", help="show both slots and the next boot")
-    ssub.add_parser("has-boot-ever-succeeded", help="true once any boot was marked successful")
-    for name in TRANSITIONS:
-        ssub.add_parser(name, help=f"{name.replace('-', ' ')}")
+    helps = {
+        "status": "show both slots and the next boot",
+        "has-boot-ever-succeeded": "true once any boot was marked successful",
+        "mark-successful-boot": "confirm the running slot (done by kiln-mark-successful-boot.service)",
+        "clear-inactive": "make the other slot unbootable before writing it",
+        "mark-inactive-valid": "give the freshly written other slot one try",
+        "upgrade-to-inactive": "boot the other slot next (it must be cleared and marked valid)",
+        "cancel-upgrade": "undo upgrade-to-inactive",
+        "rollback-to-inactive": "boot the other, previously good slot next",
+    }
+    for name in ("status", "has-boot-ever-succeeded", *TRANSITIONS):
+        options(ssub.add_parser(name, help=helps[name]), argparse.SUPPRESS)
     slot.set_defaults(func=cmd_slot)
 
 

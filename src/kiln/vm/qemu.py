@@ -234,6 +234,7 @@ class Vm:
                 self._cond.wait(min(left, 1.0))
 
     def wait_ready(self, timeout: float = 180) -> re.Match[str]:
+        self._shell_ok = False
         return self.wait_for(READY_RE, timeout)
 
     def send(self, text: str) -> None:
@@ -243,6 +244,23 @@ class Vm:
 
     # ---------------------------------------------------------------- debug shell
     _seq = 0
+    _shell_ok = False
+
+    def wait_shell(self, timeout: float = 60) -> None:
+        """Poke the debug shell until it answers (it starts after the ready line, and a
+        starting shell flushes whatever was typed before it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            Vm._seq += 1
+            self.mark()
+            self.send(f"\nstty -echo; echo KP$((0+{Vm._seq}))K\n")
+            try:
+                self.wait_for(rf"KP{Vm._seq}K\n", min(3.0, max(0.1, deadline - time.monotonic())))
+                self._shell_ok = True
+                return
+            except KilnError:
+                if time.monotonic() > deadline:
+                    raise
 
     def sh(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run a command in the debug-console root shell; returns (exit status, output).
@@ -250,6 +268,8 @@ class Vm:
         Only images built with --debug-console have that shell. The end marker is computed
         by the shell so the echoed command line never matches it.
         """
+        if not self._shell_ok:
+            self.wait_shell()
         Vm._seq += 1
         n = Vm._seq
         self.mark()

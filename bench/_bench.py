@@ -1,0 +1,377 @@
+"""Helpers shared by Kiln's benchmarks: machine facts, timing, tables, serial timestamps,
+safe clean-up, a newc cpio writer and QEMU process handling.
+
+Benchmarks print ratios measured side by side in one run; every number they print is also
+written to a JSON file under bench/results/ together with the machine it was measured on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import datetime
+import gzip
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+CACHE = BENCH / ".cache"
+MiB = 1024 * 1024
+
+
+# ------------------------------------------------------------------ output
+def log(message: str) -> None:
+    """Progress goes to stderr so `--json` output on stdout stays parseable."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def fmt_s(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} s"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_mib(value: int | float | None) -> str:
+    return "-" if value is None else f"{value / MiB:.1f} MiB"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    """bench/results/<name>.json, written whole (temporary file, then rename)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tool_version(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else None
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (goes into every result file)."""
+    import kiln
+
+    virt = _tool_version(["systemd-detect-virt"])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_mib": _mem_total() // MiB,
+        "kernel": platform.release(),
+        "virtualization": virt,
+        "python": platform.python_version(),
+        "qemu": _tool_version(["qemu-system-x86_64", "--version"]),
+        "kiln": getattr(kiln, "__version__", None),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ------------------------------------------------------------------ files
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (from /proc/self/mountinfo), deepest first."""
+    root = os.path.realpath(path)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mnt = line.split()[4].encode().decode("unicode_escape")
+        if mnt == root or mnt.startswith(root.rstrip("/") + "/"):
+            found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that never crosses into a mount (a debootstrap left /proc or /dev mounted)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    for mnt in mounts_under(path):
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+    left = mounts_under(path)
+    if left:
+        raise RuntimeError(f"refusing to delete {path}: still mounted: {left}")
+    shutil.rmtree(path)
+
+
+def tree_bytes(root: Path) -> int:
+    """Sum of regular file sizes (hard links counted once), without following symlinks."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    quiet: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; raise with its output tail if it fails."""
+    args = [str(a) for a in argv]
+    full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
+    proc = subprocess.run(
+        args, capture_output=quiet, text=True, timeout=timeout, env=full_env, check=False
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(((proc.stdout or "") + (proc.stderr or "")).strip().splitlines()[-20:])
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(args)}\n{tail}")
+    return proc
+
+
+# ------------------------------------------------------------------ initramfs
+@dataclass(frozen=True)
+class CpioEntry:
+    path: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def write_initramfs(out: Path, files: dict[str, tuple[int, bytes]], console: bool = True) -> int:
+    """A gzip'd newc cpio holding `files` (path -> (permission bits, content)), their parent
+    directories, /dev/console, /proc, /sys and /root. Returns the compressed size."""
+    entries: dict[str, CpioEntry] = {}
+    for d in ("dev", "proc", "sys", "root", "run", "tmp"):
+        entries[d] = CpioEntry(d, stat.S_IFDIR | 0o755)
+    if console:
+        entries["dev/console"] = CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+    for path, (perm, data) in files.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            entries.setdefault(d, CpioEntry(d, stat.S_IFDIR | 0o755))
+        entries[path] = CpioEntry(path, stat.S_IFREG | perm, data)
+    buf = io.BytesIO()
+    for ino, e in enumerate(
+        [*(entries[k] for k in sorted(entries)), CpioEntry("TRAILER!!!", 0)], start=1
+    ):
+        name = e.path.encode() + b"\0"
+        nlink = 2 if stat.S_ISDIR(e.mode) else 1
+        fields = (
+            ino,
+            e.mode,
+            0,
+            0,
+            nlink,
+            0,
+            len(e.data),
+            0,
+            0,
+            e.rdev[0],
+            e.rdev[1],
+            len(name),
+            0,
+        )
+        head = b"070701" + b"".join(b"%08X" % f for f in fields) + name
+        buf.write(head + b"\0" * (-len(head) % 4))
+        buf.write(e.data + b"\0" * (-len(e.data) % 4))
+    with open(out, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=6) as gz:
+        gz.write(buf.getvalue())
+    return out.stat().st_size
+
+
+# ------------------------------------------------------------------ serial timestamps
+ANSI_RE = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\x1b[cM78]")
+
+
+def clean(line: str) -> str:
+    return ANSI_RE.sub("", line).replace("\x00", "").strip()
+
+
+class SerialClock(io.StringIO):
+    """A text sink that remembers when each piece of serial output arrived.
+
+    Used as `Vm(echo=...)` for Kiln (the VM's reader thread calls write() as output
+    arrives) and fed directly by `DirectVm` for the direct-kernel-boot systems. A match is
+    timed by the arrival of its last character, so a marker that shares a line with
+    earlier output (no newline in between) is still timed right. Times are reported
+    relative to `t0`, the moment QEMU was started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = 0.0
+        self._text = ""
+        self._ends: list[int] = []  # end offset of each chunk in _text
+        self._times: list[float] = []  # and when it arrived (time.monotonic)
+        self._lock = threading.Lock()
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+
+    def write(self, s: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            self._text += s.replace("\r", "")
+            self._ends.append(len(self._text))
+            self._times.append(now)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def _at(self, offset: int) -> float:
+        """Seconds since t0 at which the character at `offset` arrived."""
+        i = bisect.bisect_right(self._ends, offset)
+        return self._times[min(i, len(self._times) - 1)] - self.t0
+
+    def first(self, pattern: str | re.Pattern[str]) -> float | None:
+        """Seconds from QEMU start until the first match of `pattern` had fully arrived."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        with self._lock:
+            m = rx.search(self._text)
+            return None if m is None else self._at(max(m.end() - 1, 0))
+
+    def stamped(self) -> list[tuple[float, str]]:
+        """Complete lines, each with the time its newline arrived, terminal escapes removed."""
+        with self._lock:
+            return [
+                (self._at(m.end() - 1), clean(m.group(0)))
+                for m in re.finditer(r"[^\n]*\n", self._text)
+            ]
+
+    def text(self) -> str:
+        return "".join(f"{t:8.3f} {line}\n" for t, line in self.stamped())
+
+
+@dataclass
+class DirectVm:
+    """QEMU started from an argv of our own (direct kernel boot), serial on stdout.
+
+    QEMU gets its own process group, which `kill()` always ends."""
+
+    argv: list[str]
+    clock: SerialClock = field(default_factory=SerialClock)
+    proc: subprocess.Popen[bytes] | None = None
+    _reader: threading.Thread | None = None
+
+    def start(self) -> DirectVm:
+        t0 = time.monotonic()
+        self.clock.start(t0)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 4096):
+            self.clock.write(chunk.decode(errors="replace"))
+
+    def wait_for(self, pattern: str, timeout: float) -> float:
+        """Seconds from start to the first line matching `pattern`; raises on timeout/exit."""
+        deadline = time.monotonic() + timeout
+        while True:
+            t = self.clock.first(pattern)
+            if t is not None:
+                return t
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} on the serial console within {timeout:.0f} s")
+            if (
+                self.proc is not None
+                and self.proc.poll() is not None
+                and not (self._reader and self._reader.is_alive())
+            ):
+                raise RuntimeError(f"QEMU exited ({self.proc.returncode}) before {pattern!r}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+
+@contextlib.contextmanager
+def direct_vm(argv: list[str]) -> Iterator[DirectVm]:
+    vm = DirectVm(argv).start()
+    try:
+        yield vm
+    finally:
+        vm.kill()

@@ -1,0 +1,79 @@
+"""Shared fixtures: built images (once per session) and booted VMs (killed in teardown)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kiln.build.pipeline import BuildOptions, BuildResult, build
+from kiln.core.progress import Progress
+from kiln.variant import Variant, load_variant
+from kiln.vm.qemu import Vm, VmConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        raise pytest.UsageError("Kiln's tests build images and must run as root (make test uses sudo)")
+
+
+@dataclass
+class Images:
+    """Builds each distinct image once per session, under one temporary directory."""
+
+    base: Path
+    cache: dict[tuple[str, bool], BuildResult]
+
+    def get(self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None) -> BuildResult:
+        key = (version, debug_console)
+        if key not in self.cache:
+            v = (variant or load_variant()).with_version(version)
+            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}"
+            self.cache[key] = build(BuildOptions(v, out, debug_console=debug_console), Progress(quiet=True))
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    return Images(tmp_path_factory.mktemp("images"), {})
+
+
+@pytest.fixture
+def boot(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Vm]]:
+    """Start VMs; every one is killed (its whole process group) at teardown."""
+    started: list[Vm] = []
+
+    def start(image: Path, *, overlay: bool = True, cpus: int = 1, **kw: object) -> Vm:
+        workdir = tmp_path / f"vm{len(started)}"
+        log = tmp_path / f"serial{len(started)}.log"
+        vm = Vm(VmConfig(image, workdir, cpus=cpus, overlay=overlay, accel="tcg", **kw), serial_log=log)  # type: ignore[arg-type]
+        started.append(vm)
+        return vm.start()
+
+    yield start
+    for vm in started:
+        vm.kill()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for i, _ in enumerate(started):
+            log = tmp_path / f"serial{i}.log"
+            if log.exists():
+                print(f"--- serial log {i} (tail) ---\n" + log.read_text()[-4000:])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def raw_copy(src: Path, dest: Path) -> Path:
+    """A sparse copy of a disk image that a test may boot and then inspect."""
+    subprocess.run(["cp", "--sparse=always", src, dest], check=True)
+    return dest

@@ -1,0 +1,65 @@
+"""VM: the default image boots to the ready line; root, /etc and /local behave as designed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from kiln.vm.qemu import Vm
+from tests.conftest import Images
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+def test_default_image_boots_to_ready_and_powers_off(images: Images, boot: Callable[..., Vm]) -> None:
+    build = images.get(debug_console=False)
+    vm = boot(build.disk)
+    ready = vm.wait_ready(240)
+    assert ready.group(0) == "kiln: ready version=1.0.0 variant=container-host slot=A"
+    status = vm.wait_for(r"kiln: status (.*)\n", 30).group(1)
+    assert "root=dm-verity,erofs,ro" in status
+    assert "etc=tmpfs" in status and "local=ext4" in status
+    assert "containerd" in status
+    # No login anywhere: nothing answers on the serial console.
+    assert "getty" not in status and "sshd" not in status
+    vm.mark()
+    vm.send("echo KI$((6*7))N\n")
+    with pytest.raises(Exception, match="timed out"):
+        vm.wait_for("KI42N", 8)
+    assert vm.shutdown(timeout=120), "the guest did not power off on the ACPI power button"
+
+
+def test_root_verity_readonly_etc_tmpfs_local_persists(images: Images, boot: Callable[..., Vm]) -> None:
+    build = images.get(debug_console=True)
+    vm = boot(build.disk)
+    vm.wait_ready(240)
+    vm.wait_for(r"kiln: status .*\n", 30)
+
+    osr = vm.check("cat /etc/os-release")
+    assert "KILN_DEBUG_CONSOLE=yes" in osr and "VERSION_ID=1.0.0" in osr
+
+    root = vm.check("grep ' / ' /proc/mounts").split()
+    assert root[2] == "erofs" and root[3].split(",")[0] == "ro"
+    table = vm.check("dmsetup table kiln-root")
+    assert " verity 1 " in table and "restart_on_corruption" in table
+    assert build.root_hash in table
+    status, out = vm.sh("touch /usr/kiln-write-test")
+    assert status != 0 and "Read-only file system" in out
+
+    assert vm.check("stat -f -c %T /etc").strip() == "tmpfs"
+    vm.check("echo scratch > /etc/kiln-etc-test")
+    vm.check("echo persisted > /local/kiln-marker && sync")
+    assert vm.check("stat -f -c %T /local").strip() == "ext2/ext3"
+    assert vm.check("cat /var/lib/kiln/machine-id").strip() == vm.check("cat /etc/machine-id").strip()
+    machine_id = vm.check("cat /etc/machine-id").strip()
+
+    vm.send("reboot\n")
+    vm.wait_ready(300)
+    vm.wait_for(r"kiln: status .*\n", 30)
+    assert vm.check("cat /local/kiln-marker").strip() == "persisted"
+    assert vm.sh("test -e /etc/kiln-etc-test")[0] != 0, "/etc must not survive a reboot"
+    assert vm.check("cat /etc/machine-id").strip() == machine_id
+    slot = vm.check("kiln slot status --json")
+    assert re.search(r'"active": "A"', slot) and re.search(r'"ever_succeeded": true', slot)
