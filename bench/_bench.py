@@ -297,11 +297,11 @@ class SerialClock(io.StringIO):
             return None if m is None else self._at(max(m.end() - 1, 0))
 
     def stamped(self) -> list[tuple[float, str]]:
-        """Complete lines, each with the time its newline arrived, terminal escapes removed."""
+        """Lines, each with the time its last character arrived, terminal escapes removed."""
         with self._lock:
             return [
                 (self._at(m.end() - 1), clean(m.group(0)))
-                for m in re.finditer(r"[^\n]*\n", self._text)
+                for m in re.finditer(r"[^\n]*\n|[^\n]+$", self._text)
             ]
 
     def text(self) -> str:

@@ -558,6 +558,11 @@ def timeline(clock: B.SerialClock, marker: str | re.Pattern[str]) -> dict[str, A
         "marker": clock.first(marker),
     }
     top = sorted(spans, key=lambda s: s[2] - s[1], reverse=True)[:12]
+    cpu: dict[str, float] = {}
+    for _t, line in clock.stamped():  # systemd reports this for units that have stopped
+        m = re.search(r"systemd\[1\]: " + UNIT_RE + r": Consumed ([0-9.]+)s CPU time", line)
+        if m:
+            cpu[m.group(1)] = float(m.group(2))
     return {
         "phases": {k: None if v is None else round(v, 2) for k, v in phases.items()},
         "slowest_units": [
@@ -565,6 +570,7 @@ def timeline(clock: B.SerialClock, marker: str | re.Pattern[str]) -> dict[str, A
             for u, a, z in top
         ],
         "modprobe_units": sorted({u for u, _a, _z in spans if u.startswith("modprobe@")}),
+        "cpu_seconds_of_finished_units": cpu,
     }
 
 
@@ -631,7 +637,7 @@ def measure(s: Setup, cpus: int, run: int, work: Path, logs: Path, second_boot: 
         cfg = VmConfig(booted, wd2, cpus=cpus, accel="tcg", overlay=True)
         b2, clock2 = boot_vm("kiln-2nd", cfg, READY_RE, cpus, run, logs / f"kiln-2nd-{tag}.log")
         b2.milestones = kiln_milestones(clock2, b2.marker_s)
-        b2.note = b.note
+        b2.note = f"second boot of the first boot's disk ({b.note})"
         out.append(b2)
         booted.unlink()
     for x in out:

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -264,8 +265,23 @@ def test_root_a_is_erofs_verified_by_hash_a(built: BuildResult, tmp_path: Path) 
     res = run("veritysetup", "dump", hash_)
     assert built.root_hash not in res.stdout  # the root hash lives on BOOT, not with the tree
     m = manifest_of(built)["verity"]
-    assert f"Salt:            \t{m['salt']}" in res.stdout or m["salt"] in res.stdout
+    assert re.search(rf"^Data blocks:\s+{m['data_blocks']}$", res.stdout, re.M)
+    assert re.search(rf"^Salt:\s+{m['salt']}$", res.stdout, re.M)
     assert run("veritysetup", "verify", root, hash_, "00" * 32, check=False).returncode != 0
+
+
+def test_boot_a_names_the_root_hash(built: BuildResult, tmp_path: Path) -> None:
+    offset, _ = region(built.disk, "KILN-BOOT-A")
+    image = f"{built.disk}@@{offset}"
+    listing = run("mdir", "-b", "-i", image, "::/").stdout.split()
+    assert sorted(listing) == ["::/initrd.img", "::/kiln.cfg", "::/vmlinuz"]
+    cfg = tmp_path / "kiln.cfg"
+    run("mcopy", "-n", "-i", image, "::/kiln.cfg", cfg)
+    m = manifest_of(built)["verity"]
+    text = cfg.read_text()
+    verity = f"kiln.roothash={built.root_hash} kiln.salt={m['salt']} kiln.blocks={m['data_blocks']}"
+    assert verity in text
+    assert "kiln.version=1.0.0" in text
 
 
 def test_slot_b_is_empty(built: BuildResult) -> None:

@@ -323,6 +323,29 @@ def test_refused_upgrade_after_clear(disk: Path, tmp_path: Path) -> None:
     assert read_region(disk, "KILN-EFI") == before
 
 
+@pytest.mark.parametrize(("key", "value"), [("A_PRIO", "x"), ("B_TRIES", "16"), ("A_OK", "2")])
+def test_malformed_grubenv_is_a_clear_error(
+    disk: Path, tmp_path: Path, key: str, value: str
+) -> None:
+    grub_save_env(disk, tmp_path, **{key: value})
+    before = read_region(disk, "KILN-EFI")
+    for command in ("status", "mark-successful-boot"):
+        res = kiln_slot(disk, command)
+        assert res.returncode == 1
+        assert f"grubenv: {key}='{value}' is not a number" in res.stderr
+        assert "Traceback" not in res.stderr
+    assert read_region(disk, "KILN-EFI") == before
+
+
+def test_not_a_kiln_disk(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(bytes(1 << 20))
+    res = kiln_slot(junk, "status")
+    assert res.returncode == 1
+    assert res.stderr.startswith("kiln: error: no GPT")
+    assert "Traceback" not in res.stderr
+
+
 def test_cli_in_process(disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kiln.cli.main import main
 

@@ -321,7 +321,7 @@ def test_missing_required_table(tmp_path: Path, table: str) -> None:
     path = variant_of(tmp_path, lambda d: d.pop(table))
     e = error(path)
     assert str(path) in str(e)
-    assert re.search(rf"\b{table}: required table is missing", str(e)), str(e)
+    assert re.search(rf"required table \[{table}\] is missing", str(e)), str(e)
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ class _Table:
                 raise KilnError(f"{self.where}.{key}: required key is missing")
             return default
         value = self.data[key]
-        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
             raise KilnError(
                 f"{self.where}.{key}: expected {kind.__name__}, got {_typename(value)} ({value!r})"
             )
@@ -111,7 +111,7 @@ class _Table:
         if key not in self.data and not required:
             return _Table({}, f"{self.where}.{key}")
         if key not in self.data:
-            raise KilnError(f"{self.where}.{key}: required table is missing")
+            raise KilnError(f"{self.where}: required table [{key}] is missing")
         return _Table(self.data[key], f"{self.where}.{key}" if self.where else key)
 
     def done(self) -> None:
@@ -224,6 +224,6 @@ def load_variant(name_or_path: str | None = None, variants_dir: Path = VARIANTS_
     except tomllib.TOMLDecodeError as e:
         raise KilnError(f"{path}: malformed TOML: {e}") from None
     variant = parse_variant(data, path)
-    if path.stem != variant.name and not name_or_path:
+    if path.stem != variant.name and not ref.endswith(".toml"):
         raise KilnError(f"{path}: variant.name '{variant.name}' does not match the file name")
     return variant

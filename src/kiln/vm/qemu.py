@@ -227,7 +227,7 @@ class Vm:
                     self._pos = m.end()
                     return m
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.running and not (self._reader and self._reader.is_alive()):
+                if left <= 0 or (not self.running and not (self._reader and self._reader.is_alive())):
                     tail = self._buf[-3000:]
                     why = "timed out" if left <= 0 else "QEMU exited"
                     raise KilnError(f"{why} waiting for {rx.pattern!r} on the serial console; last output:\n{tail}")

@@ -123,9 +123,14 @@ def write_partition(region: Region, chunks: Iterable[bytes]) -> tuple[int, str]:
         for chunk in chunks:
             if written + len(chunk) > region.size:
                 raise KilnError(f"image does not fit partition {region.path} ({region.size} bytes)")
-            os.pwrite(fd, chunk, region.offset + written)
-            h.update(chunk)
-            written += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(fd, view, region.offset + written)
+                if n <= 0:
+                    raise KilnError(f"write to {region.path} failed after {written} bytes")
+                h.update(view[:n])
+                written += n
+                view = view[n:]
         os.fsync(fd)
     finally:
         os.close(fd)

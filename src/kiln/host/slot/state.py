@@ -7,6 +7,7 @@ transitions below are pure functions so every precondition can be tested without
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,7 +68,8 @@ class SlotState:
     def from_env(cls, env: dict[str, str], active: str | None) -> SlotState:
         def num(key: str, hi: int) -> int:
             raw = env.get(key, "0")
-            if not raw.isdigit() or int(raw) > hi:
+            # Canonical ASCII decimal only: GRUB's test reads "08" or "١" differently.
+            if not re.fullmatch(r"0|[1-9][0-9]?", raw) or int(raw) > hi:
                 raise KilnError(f"grubenv: {key}={raw!r} is not a number in 0..{hi}")
             return int(raw)
 
@@ -101,7 +103,20 @@ def mark_successful_boot(st: SlotState) -> SlotState:
     return replace(st.with_flags(a, replace(st.flags(a), successful=True)), ever_succeeded=True)
 
 
+def _require_active_bootable(st: SlotState, command: str) -> None:
+    """Refuse to take away the other slot while the running one would not boot again
+    (it spent its try and is not yet marked successful): that would leave no bootable slot."""
+    a = st._active()
+    if not st.flags(a).will_boot:
+        raise SlotError(
+            f"refusing {command}: the running slot {a} is not marked successful yet, "
+            f"and slot {st.inactive} is the only one that would boot",
+            hint="run mark-successful-boot first",
+        )
+
+
 def clear_inactive(st: SlotState) -> SlotState:
+    _require_active_bootable(st, "clear-inactive")
     return st.with_flags(st.inactive, Flags(0, 0, False))
 
 
@@ -124,6 +139,7 @@ def upgrade_to_inactive(st: SlotState) -> SlotState:
 
 
 def cancel_upgrade(st: SlotState) -> SlotState:
+    _require_active_bootable(st, "cancel-upgrade")
     i, a = st.inactive, st._active()
     st = st.with_flags(i, replace(st.flags(i), priority=0))
     return st.with_flags(a, replace(st.flags(a), priority=2))
