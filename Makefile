@@ -33,7 +33,7 @@ demo: setup
 	$(SUDO) $(KILN) run build/demo --headless --serial-log build/demo/serial.log
 
 # The whole suite, VM tests included. pytest's exit code 5 (nothing collected) fails too.
-test: setup
+test: setup lint
 	$(SUDO) $(PY) -m pytest -p no:cacheprovider tests; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--variant", help="variant name (from variants/) or path to a .toml (default: container-host)")
     p.add_argument("--version", dest="image_version", help="override the variant's version")
     p.add_argument("--output", type=Path, help="output directory (default: build/<variant>-<version>)")
-    p.add_argument("--debug-console", action="store_true", help="add a root shell on the serial console (development only)")
+    p.add_argument(
+        "--debug-console", action="store_true", help="add a root shell on the serial console (development only)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every output path")
     p.set_defaults(func=run)
 

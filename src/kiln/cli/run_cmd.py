@@ -71,8 +71,8 @@ def _headless(vm: object, args: argparse.Namespace) -> int:
     vm.start()
     try:
         if not quiet:
-            print(f"kiln: booting {vm.cfg.image} ({'serial log: ' + str(args.serial_log) if args.serial_log else 'headless'})",
-                  file=sys.stderr)
+            where = f"serial log: {args.serial_log}" if args.serial_log else "headless"
+            print(f"kiln: booting {vm.cfg.image} ({where})", file=sys.stderr)
         ready = vm.wait_ready(args.timeout)
         seconds = time.monotonic() - vm.started_at
         report = vm.wait_for(r"kiln: status (.*)\n", 30).group(1)

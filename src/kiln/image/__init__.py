@@ -1,1 +1,1 @@
-"""Byte formats Kiln writes and reads itself: GPT, dm-verity, grubenv, FAT lookup. Pure: no subprocesses."""  # noqa: E501
+"""Byte formats Kiln writes and reads itself: GPT, dm-verity, grubenv, FAT lookup. Pure: no subprocesses."""

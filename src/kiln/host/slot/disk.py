@@ -88,7 +88,9 @@ class GrubenvStore:
         self.esp = disk.region(layout.part_name("efi"))
         extent = fat.find_file(self.esp.read, layout.GRUBENV_PATH)
         if extent.length != grubenv.SIZE:
-            raise KilnError(f"{layout.GRUBENV_PATH} on {disk.description} is {extent.length} bytes, expected {grubenv.SIZE}")
+            raise KilnError(
+                f"{layout.GRUBENV_PATH} on {disk.description} is {extent.length} bytes, expected {grubenv.SIZE}"
+            )
         self.offset = self.esp.offset + extent.offset
 
     def read(self) -> dict[str, str]:

@@ -51,7 +51,7 @@ class SlotState:
     def _active(self) -> str:
         if self.active not in SLOTS:
             raise SlotError("the active slot is unknown", hint="pass --active A|B when working on a disk image")
-        return self.active  # type: ignore[return-value]
+        return self.active
 
     @property
     def next_boot(self) -> str | None:
