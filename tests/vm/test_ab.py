@@ -4,7 +4,6 @@ and fail closed: a slot that panics or whose root is corrupted is abandoned by i
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +107,3 @@ def test_slot_with_corrupted_root_block_falls_back(images: Images, boot: Callabl
 def boot_output(tmp_path: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("serial*.log")))
 
-
-def test_cleanup_helpers_exist() -> None:
-    assert shutil.which("mcopy") and shutil.which("zstd")
