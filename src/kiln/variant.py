@@ -53,6 +53,7 @@ class Variant:
     enable_units: tuple[str, ...]
     mask_units: tuple[str, ...]
     files: Mapping[str, Path] = field(default_factory=dict)
+    prune: tuple[str, ...] = ()  # absolute paths removed from the root after unpacking
     partitions: Partitions = Partitions(32 * MiB, 48 * MiB, 160 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
     source: Path = Path()
 
@@ -186,6 +187,14 @@ def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
         files[dest] = path
     f.done()
 
+    r = top.table("rootfs", required=False)
+    r.where = f"{source}: rootfs"
+    prune = r.strings("prune", default=())
+    for i, path in enumerate(prune):
+        if not path.startswith("/") or ".." in path.split("/") or path.rstrip("/") in ("", "/usr", "/etc"):
+            raise KilnError(f"{r.where}.prune[{i}]: '{path}' must be an absolute path below /usr or /etc")
+    r.done()
+
     pt = top.table("partitions")
     pt.where = f"{source}: partitions"
     sizes = {
@@ -207,6 +216,7 @@ def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
         enable_units=enable,
         mask_units=mask,
         files=files,
+        prune=prune,
         partitions=Partitions(**sizes),
         source=source,
     )

@@ -89,11 +89,18 @@ def install_modules(kernel: Kernel, root: Path, subtrees: tuple[str, ...], where
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "kernel").mkdir(parents=True)
-    for sub in subtrees:
-        src = kernel.moddir / "kernel" / sub
-        if not src.is_dir():
-            raise KilnError(f"{where}: module directory 'kernel/{sub}' does not exist in {kernel.release}")
-        shutil.copytree(src, dest / "kernel" / sub, dirs_exist_ok=True)
+    base = kernel.moddir / "kernel"
+    for pattern in subtrees:  # a directory, a module file, or a glob such as drivers/net/*.ko
+        matches = sorted(base.glob(pattern))
+        if not matches:
+            raise KilnError(f"{where}: 'kernel/{pattern}' matches nothing in {kernel.release}")
+        for src in matches:
+            target = dest / "kernel" / src.relative_to(base)
+            if src.is_dir():
+                shutil.copytree(src, target, dirs_exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, target)
     for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
         if (kernel.moddir / name).exists():
             shutil.copy(kernel.moddir / name, dest / name)

@@ -179,7 +179,7 @@ def finish(root: Path, variant: Variant, osr: OsRelease, packages: Sequence[Pack
     share = root / "usr/share/kiln"
     share.mkdir(parents=True, exist_ok=True)
     (share / "packages.json").write_text(json.dumps(inventory, indent=1) + "\n")
-    for rel in (*PRUNE, *PACKAGE_MANAGER):
+    for rel in (*PRUNE, *PACKAGE_MANAGER, *(p.lstrip("/") for p in variant.prune)):
         p = root / rel
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
