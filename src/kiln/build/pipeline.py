@@ -99,6 +99,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             kernel.install_modules(krn, root, v.rootfs_modules, f"{what}: kernel.rootfs-modules")
             rootfs.users_and_groups(root, opts.sde)
             rootfs.install_kiln(root, Path(__file__).resolve().parents[1] / "host" / "units")
+            rootfs.install_files(root, v)
             rootfs.configure_systemd(root, v, opts.debug_console)
             build_id = hashlib.sha256(
                 json.dumps([[p.name, p.version] for p in pkgs + kpkgs] + [v.name, v.version]).encode()

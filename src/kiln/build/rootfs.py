@@ -143,6 +143,15 @@ def install_kiln(root: Path, units_dir: Path) -> None:
     kiln_bin.chmod(0o755)
 
 
+def install_files(root: Path, variant: Variant) -> None:
+    """The variant's extra files (before unit configuration, so they may replace units)."""
+    for dest, src in variant.files.items():
+        target = root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        shutil.copy(src, target)
+
+
 def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None:
     run(["systemctl", f"--root={root}", "preset-all"])
     units = [*variant.enable_units, "kiln-mark-successful-boot.service", "kiln-grow-data.service"]
@@ -163,11 +172,7 @@ def _unit_exists(root: Path, unit: str) -> bool:
 
 
 def finish(root: Path, variant: Variant, osr: OsRelease, packages: Sequence[Package]) -> None:
-    """Everything after the units: files, os-release, caches, pruning, bytecode."""
-    for dest, src in variant.files.items():
-        target = root / dest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, target)
+    """Everything after the units: os-release, caches, pruning, bytecode."""
     (root / "usr/lib/os-release").unlink(missing_ok=True)
     (root / "usr/lib/os-release").write_text(osr.render())
     (root / "etc/os-release").unlink(missing_ok=True)
@@ -187,6 +192,9 @@ def finish(root: Path, variant: Variant, osr: OsRelease, packages: Sequence[Pack
             p.unlink()
     for d in ("local", "var", "efi", "var/lib/kiln"):
         (root / d).mkdir(parents=True, exist_ok=True)
+    # ConditionNeedsUpdate= units compare these with /usr: equal mtimes mean "up to date".
+    (root / "etc/.updated").write_text("")
+    (root / "var/.updated").write_text("")
     _chroot(root, "/usr/sbin/ldconfig")
     (root / "var/cache/ldconfig/aux-cache").unlink(missing_ok=True)
     _compile_python(root)
