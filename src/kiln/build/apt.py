@@ -107,13 +107,17 @@ class Apt:
             raise KilnError(f"{what}: apt resolved no packages for {packages}")
         return sorted(found)
 
+    def _deb(self, name: str, version: str, arch: str) -> Path:
+        return self.archives / f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+
     def download(self, packages: list[str], what: str) -> list[Package]:
         """Resolve and fetch the closure into the cache (apt verifies against Release)."""
         closure = self.resolve(packages, what)
-        run(self._argv("install", "--download-only", "-y", *packages))
+        if not all(self._deb(*c).is_file() for c in closure):
+            run(self._argv("install", "--download-only", "-y", *packages))
         result = []
         for name, version, arch in closure:
-            deb = self.archives / f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+            deb = self._deb(name, version, arch)
             if not deb.is_file():
                 raise KilnError(f"{what}: apt did not download {name} {version} ({deb.name})")
             result.append(Package(name, version, arch, deb))

@@ -2,12 +2,11 @@
 
 Binaries come from Debian packages unpacked into a staging tree; their shared libraries are
 found by reading each ELF's DT_NEEDED entries (readelf), so nothing from the build host
-leaks in. The archive is a deterministic newc cpio, gzip-compressed with a fixed mtime.
+leaks in. The archive is a deterministic newc cpio, zstd-compressed.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import re
 import stat
@@ -79,6 +78,9 @@ def build(stage: Path, kernel: Kernel, modules: list[str], out: Path, mtime: int
     # The loader path must resolve: lib64/ld-linux... is a file we placed; libs go in lib/.
     buf = io.BytesIO()
     cpio.write(buf, [entries[k] for k in sorted(entries)], mtime=mtime)
-    with open(out, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=mtime, compresslevel=6) as gz:
-        gz.write(buf.getvalue())
+    # zstd: the kernel unpacks it several times faster than gzip, which matters under TCG.
+    raw = out.with_suffix(".cpio")
+    raw.write_bytes(buf.getvalue())
+    run(["zstd", "-q", "-f", "-19", "--no-progress", raw, "-o", out])
+    raw.unlink()
     return out.stat().st_size

@@ -107,6 +107,10 @@ def users_and_groups(root: Path, source_date_epoch: int) -> None:
     shutil.copy(root / "usr/share/base-passwd/group.master", etc / "group")
     _chroot(root, "/usr/sbin/pwconv")
     _chroot(root, "/usr/sbin/grpconv")
+    # Groups Debian's maintainer scripts would add (udev rules and tmpfiles refer to them).
+    (root / "usr/lib/sysusers.d/kiln.conf").write_text(
+        "# Kiln: groups Debian creates in maintainer scripts\ng kvm - -\ng render - -\ng sgx - -\n"
+    )
     _chroot(root, "/usr/bin/systemd-sysusers")
     day = str(source_date_epoch // 86400)
     for name in ("passwd", "shadow"):
@@ -190,7 +194,7 @@ def finish(root: Path, variant: Variant, osr: OsRelease, packages: Sequence[Pack
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
-    for d in ("local", "var", "efi", "var/lib/kiln"):
+    for d in ("local", "var", "efi", "var/lib/kiln", "tmp", "srv"):
         (root / d).mkdir(parents=True, exist_ok=True)
     # ConditionNeedsUpdate= units compare these with /usr: equal mtimes mean "up to date".
     (root / "etc/.updated").write_text("")

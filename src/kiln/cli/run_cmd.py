@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (repeatable)")
     p.add_argument("--cpus", type=int, default=1)
     p.add_argument("--memory", type=int, default=1024, help="MiB")
+    p.add_argument("--disk-size", type=int, metavar="MIB", help="make the overlay disk this big (DATA grows into it)")
     p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                    help="auto uses KVM only when it really works here")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the ready line")
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     image = _image(args.image)
     with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
         cfg = VmConfig(image, Path(tmp), memory_mib=args.memory, cpus=args.cpus,
-                       forwards=parse_forwards(args.forward), accel=args.accel)
+                       forwards=parse_forwards(args.forward), accel=args.accel,
+                       disk_size=args.disk_size * 2**20 if args.disk_size else None)
         if not args.headless:
             vm = Vm(cfg, interactive=True).start()
             print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)
@@ -81,8 +83,8 @@ def _headless(vm: object, args: argparse.Namespace) -> int:
         if quiet:
             print(json.dumps(info))
         else:
-            print(ready.group(0))
-            print(f"kiln: ready after {seconds:.1f} s; {report}")
+            print(ready.group(0), flush=True)
+            print(f"kiln: ready after {seconds:.1f} s; {report}", flush=True)
         if args.keep_running:
             if not quiet:
                 print("kiln: running; Ctrl-C powers the guest off", file=sys.stderr)

@@ -74,6 +74,7 @@ class VmConfig:
     forwards: tuple[Forward, ...] = ()
     accel: str = "auto"  # auto, tcg or kvm
     overlay: bool = True  # False: boot `image` itself (callers pass a copy they own)
+    disk_size: int | None = None  # bytes; the overlay is made this big (a larger "cloud volume")
     extra_args: tuple[str, ...] = ()
 
     def argv(self, disk: Path, vars_fd: Path, interactive: bool = False) -> list[str]:
@@ -132,7 +133,8 @@ class Vm:
         if self.cfg.overlay:
             disk = self.cfg.workdir / "overlay.qcow2"
             disk.unlink(missing_ok=True)
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk])
+            size = [str(self.cfg.disk_size)] if self.cfg.disk_size else []
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk, *size])
         argv = self.cfg.argv(disk, vars_fd, self.interactive)
         self.started_at = time.monotonic()
         if self.interactive:  # the terminal is QEMU's: Ctrl-A X quits, Ctrl-A C is the monitor
