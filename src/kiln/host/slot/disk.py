@@ -127,7 +127,10 @@ def write_partition(region: Region, chunks: Iterable[bytes]) -> tuple[int, str]:
                 raise KilnError(f"image does not fit partition {region.path} ({region.size} bytes)")
             view = memoryview(chunk)
             while view:
-                n = os.pwrite(fd, view, region.offset + written)
+                try:
+                    n = os.pwrite(fd, view, region.offset + written)
+                except OSError as e:
+                    raise KilnError(f"write to {region.path} failed after {written} bytes: {e.strerror}") from e
                 if n <= 0:
                     raise KilnError(f"write to {region.path} failed after {written} bytes")
                 h.update(view[:n])
