@@ -44,6 +44,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     return Images(tmp_path_factory.mktemp("images"), {})
 
 
+@pytest.fixture(scope="session")
+def built(images: Images) -> BuildResult:
+    """The default image (no debug console), shared by every host-side test."""
+    return images.get(debug_console=False)
+
+
 @pytest.fixture
 def boot(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Vm]]:
     """Start VMs; every one is killed (its whole process group) at teardown."""

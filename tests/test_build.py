@@ -194,11 +194,6 @@ def manifest_of(result: BuildResult) -> dict[str, Any]:
 
 # --- fixtures -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def built(images: Any) -> BuildResult:
-    result: BuildResult = images.get(debug_console=False)
-    return result
-
 
 @pytest.fixture(scope="module")
 def cli_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:

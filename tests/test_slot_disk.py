@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from kiln.build.pipeline import BuildResult
 from kiln.core.errors import KilnError
 from kiln.host.slot import Flags, SlotError, Slots, SlotState
 from kiln.image import grubenv
+from tests.helpers import zstd_chunks
 
 KILN = Path(sys.executable).with_name("kiln")
 MiB = 1 << 20
@@ -133,26 +134,12 @@ def grub_save_env(disk: Path, tmp: Path, **values: str) -> None:
         f.write(new)
 
 
-def zstd_chunks(path: Path, size: int = MiB) -> Iterator[bytes]:
-    """Stream a .zst artifact, decompressed, `size` bytes at a time."""
-    with subprocess.Popen(["zstd", "-dc", str(path)], stdout=subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(size):
-            yield chunk
-    assert proc.returncode == 0
-
-
 def manifest(built: BuildResult) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(built.manifest.read_text())
     return data
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def built(images: Any) -> BuildResult:
-    result: BuildResult = images.get(debug_console=False)
-    return result
 
 
 @pytest.fixture

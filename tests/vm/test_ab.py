@@ -13,7 +13,7 @@ import pytest
 from kiln.host.slot import Slots
 from kiln.vm.qemu import Vm
 from tests.conftest import Images, raw_copy
-from tests.vm.helpers import install_to_inactive, zstd_chunks
+from tests.helpers import install_to_inactive, zstd_chunks
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
