@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.build import apt, bootloader, disk, initramfs, kernel, rootfs, tools
+from kiln.build import apt, bootloader, disk, initramfs, kernel, rootfs, tools, wheels
 from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_dir
 from kiln.core.progress import Progress
@@ -99,6 +99,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             kernel.install_modules(krn, root, v.rootfs_modules, f"{what}: kernel.rootfs-modules")
             rootfs.users_and_groups(root, opts.sde)
             rootfs.install_kiln(root, Path(__file__).resolve().parents[1] / "host" / "units")
+            wheels.vendor(wheels.read_requirements(), root / rootfs.PY_SITE, opts.cache / "wheels")
             rootfs.install_files(root, v)
             rootfs.configure_systemd(root, v, opts.debug_console)
             build_id = hashlib.sha256(
