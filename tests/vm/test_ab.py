@@ -107,3 +107,14 @@ def test_slot_with_corrupted_root_block_falls_back(images: Images, boot: Callabl
 def boot_output(tmp_path: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("serial*.log")))
 
+
+
+def test_unreadable_grubenv_falls_back_to_slot_a(images: Images, boot: Callable[..., Vm], tmp_path: Path) -> None:
+    disk = raw_copy(images.get("1.0.0").disk, tmp_path / "disk.img")
+    store = Slots.open(image=disk, active="A").store
+    with open(disk, "r+b") as f:  # a torn or garbled first sector: no valid header
+        f.seek(store.offset)
+        f.write(b"\xff" * 512)
+    vm = boot(disk, overlay=False)
+    vm.wait_for("kiln-grub: grubenv unreadable; falling back to slot A", 120)
+    assert vm.wait_ready(300).group(1, 3) == ("1.0.0", "A")

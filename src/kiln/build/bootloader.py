@@ -21,7 +21,7 @@ from kiln.build import tools
 GRUB_CFG = Path(__file__).with_name("data") / "grub.cfg"
 GRUB_MODULES = (
     "part_gpt", "fat", "normal", "linux", "echo", "test", "loadenv", "regexp", "reboot",
-    "sleep", "configfile", "gzio", "efi_gop", "all_video", "search",
+    "sleep", "configfile", "gzio", "efi_gop", "all_video", "search", "true",
 )
 # Slot A holds the build, marked good; slot B is empty and will not boot.
 INITIAL_ENV = {"A_PRIO": "1", "A_TRIES": "0", "A_OK": "1", "B_PRIO": "0", "B_TRIES": "0", "B_OK": "0"}
