@@ -529,3 +529,16 @@ def test_store_refuses_state_beyond_the_first_sector(disk: Path) -> None:
     with pytest.raises(KilnError, match="first sector"):
         slots.store.write({"padding": "p" * 500, **INITIAL})
     assert read_region(disk, "KILN-EFI") == before
+
+
+def test_reset_to_active_repairs_an_unreadable_grubenv(disk: Path, tmp_path: Path) -> None:
+    slots = Slots.open(image=disk, active="A")
+    with open(disk, "r+b") as f:
+        f.seek(slots.store.offset)
+        f.write(b"\xff" * 512)
+    with pytest.raises(KilnError):
+        slots.state()
+    st = slots.reset_to_active()
+    assert st.a == Flags(1, 0, True) and st.b == Flags(0, 0, False)
+    assert grub_sees(disk, tmp_path)["A_OK"] == "1"
+    fsck_esp(disk, tmp_path)

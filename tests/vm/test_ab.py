@@ -117,4 +117,8 @@ def test_unreadable_grubenv_falls_back_to_slot_a(images: Images, boot: Callable[
         f.write(b"\xff" * 512)
     vm = boot(disk, overlay=False)
     vm.wait_for("kiln-grub: grubenv unreadable; falling back to slot A", 120)
+    vm.wait_for("kiln: grubenv was unreadable", 300)
     assert vm.wait_ready(300).group(1, 3) == ("1.0.0", "A")
+    st = slot_status(vm)
+    assert st["A"] == {"priority": 1, "tries_left": 0, "successful": True, "will_boot": True}
+    assert st["B"]["will_boot"] is False

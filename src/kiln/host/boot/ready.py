@@ -51,7 +51,15 @@ def main() -> int:
         print("kiln: not booted through Kiln's boot chain (no kiln.slot=)", file=sys.stderr)
         return 1
     try:
-        Slots.open(active=slot).apply("mark-successful-boot")
+        slots = Slots.open(active=slot)
+        try:
+            slots.state()
+        except KilnError as e:  # GRUB fell back to A on an unreadable grubenv; repair it
+            slots.reset_to_active()
+            with open("/dev/console", "w") as console:
+                print(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, "
+                      "the other slot cleared", file=console, flush=True)
+        slots.apply("mark-successful-boot")
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)
         return 1

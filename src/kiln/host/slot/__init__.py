@@ -57,6 +57,16 @@ class Slots:
             self.store.write(env)
         return after
 
+    def reset_to_active(self) -> SlotState:
+        """Rewrite an unreadable grubenv from what is known for sure: the running slot
+        boots. The other slot's state is lost, so it is left cleared (unbootable)."""
+        if self.active not in SLOTS:
+            raise SlotError("cannot rewrite the grubenv: the running slot is unknown")
+        st = SlotState(Flags(), Flags(), self.active, ever_succeeded=True)
+        st = st.with_flags(self.active, Flags(1, 0, True))
+        self.store.write(st.to_env())
+        return st
+
     def partitions(self, slot: str) -> dict[str, Region]:
         return {key: self.disk.region(layout.part_name(key, slot)) for key in ("boot", "root", "hash")}
 
