@@ -81,6 +81,6 @@ def build(stage: Path, kernel: Kernel, modules: list[str], out: Path, mtime: int
     # zstd: the kernel unpacks it several times faster than gzip, which matters under TCG.
     raw = out.with_suffix(".cpio")
     raw.write_bytes(buf.getvalue())
-    run(["zstd", "-q", "-f", "-19", "--no-progress", raw, "-o", out])
+    run(["zstd", "-q", "-f", "-12", "--no-progress", raw, "-o", out])
     raw.unlink()
     return out.stat().st_size

@@ -7,14 +7,13 @@ Both are a `Region` (path, offset, size), so the grubenv and image-writing code 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.core.errors import KilnError
-from kiln.image import fat, gpt, grubenv, layout
+from kiln.image import fat, grubenv, layout
 
 SYS_BLOCK = Path("/sys/class/block")
 
@@ -49,6 +48,8 @@ class Disk:
 
     @classmethod
     def from_image(cls, path: Path) -> Disk:
+        from kiln.image import gpt  # not needed on the host's boot path
+
         size = path.stat().st_size
         with open(path, "rb") as f:
             table = gpt.read_gpt(f, size)
@@ -118,6 +119,8 @@ def write_partition(region: Region, chunks: Iterable[bytes]) -> tuple[int, str]:
 
     Memory stays bounded by the chunk size. Fails before writing past the partition's end.
     """
+    import hashlib  # OpenSSL start-up is not free under emulation; only writers pay it
+
     h = hashlib.sha256()
     written = 0
     fd = os.open(region.path, os.O_WRONLY)
