@@ -16,11 +16,15 @@ from pathlib import Path
 from kiln.core.errors import KilnError
 from kiln.core.run import CommandError, run
 
-DEFAULT_SOURCES = """\
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
-"""
+_KEYRING = "signed-by=/usr/share/keyrings/debian-archive-keyring.gpg"
+DEFAULT_SOURCES = "".join(
+    f"deb [{_KEYRING}] http://deb.debian.org/{archive} {suite} main\n"
+    for archive, suite in (
+        ("debian", "bookworm"),
+        ("debian", "bookworm-updates"),
+        ("debian-security", "bookworm-security"),
+    )
+)
 LISTS_MAX_AGE = 6 * 3600  # re-run `apt-get update` when the private lists are older than this
 
 

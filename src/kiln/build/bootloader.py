@@ -12,16 +12,30 @@ import shutil
 import zlib
 from pathlib import Path
 
+from kiln.build import tools
 from kiln.core.run import run
 from kiln.image import grubenv, layout
 from kiln.image.verity import VerityResult
 from kiln.variant import Variant
-from kiln.build import tools
 
 GRUB_CFG = Path(__file__).with_name("data") / "grub.cfg"
 GRUB_MODULES = (
-    "part_gpt", "fat", "normal", "linux", "echo", "test", "loadenv", "regexp", "reboot",
-    "sleep", "configfile", "gzio", "efi_gop", "all_video", "search", "true",
+    "part_gpt",
+    "fat",
+    "normal",
+    "linux",
+    "echo",
+    "test",
+    "loadenv",
+    "regexp",
+    "reboot",
+    "sleep",
+    "configfile",
+    "gzio",
+    "efi_gop",
+    "all_video",
+    "search",
+    "true",
 )
 # Slot A holds the build, marked good; slot B is empty and will not boot.
 INITIAL_ENV = {"A_PRIO": "1", "A_TRIES": "0", "A_OK": "1", "B_PRIO": "0", "B_TRIES": "0", "B_OK": "0"}
@@ -42,7 +56,9 @@ def slot_cfg(v: Variant, vres: VerityResult) -> str:
     return f'set KILN_CMDLINE="{cmdline}"\nset KILN_VERITY="{veritypar}"\n'
 
 
-def boot_partition(out: Path, v: Variant, vmlinuz: Path, initrd: Path, vres: VerityResult, *, mtime: int, work: Path) -> None:
+def boot_partition(
+    out: Path, v: Variant, vmlinuz: Path, initrd: Path, vres: VerityResult, *, mtime: int, work: Path
+) -> None:
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "kiln.cfg"
     cfg.write_text(slot_cfg(v, vres))
@@ -51,19 +67,32 @@ def boot_partition(out: Path, v: Variant, vmlinuz: Path, initrd: Path, vres: Ver
     i = work / "initrd.img"
     shutil.copy(initrd, i)
     volid = zlib.crc32(f"boot:{v.name}:{v.version}:{vres.root_hash}".encode())
-    tools.mkfs_fat(out, v.partitions.boot, label="KILN-BOOT", volume_id=volid,
-                   files={"vmlinuz": k, "initrd.img": i, "kiln.cfg": cfg}, mtime=mtime)
+    tools.mkfs_fat(
+        out,
+        v.partitions.boot,
+        label="KILN-BOOT",
+        volume_id=volid,
+        files={"vmlinuz": k, "initrd.img": i, "kiln.cfg": cfg},
+        mtime=mtime,
+    )
 
 
 def esp_partition(out: Path, size: int, *, mtime: int, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     efi = work / "BOOTX64.EFI"
-    run(["grub-mkimage", "-O", "x86_64-efi", "-o", efi, "-p", "/EFI/BOOT", *GRUB_MODULES],
-        env={"SOURCE_DATE_EPOCH": str(mtime)})
+    run(
+        ["grub-mkimage", "-O", "x86_64-efi", "-o", efi, "-p", "/EFI/BOOT", *GRUB_MODULES],
+        env={"SOURCE_DATE_EPOCH": str(mtime)},
+    )
     cfg = work / "grub.cfg"
     cfg.write_text(grub_cfg())
     env = work / "grubenv"
     env.write_bytes(grubenv.serialize(INITIAL_ENV))
-    tools.mkfs_fat(out, size, label="KILN-EFI", volume_id=0x4B494C4E,
-                   files={"EFI/BOOT/BOOTX64.EFI": efi, "EFI/BOOT/grub.cfg": cfg, "EFI/BOOT/grubenv": env},
-                   mtime=mtime)
+    tools.mkfs_fat(
+        out,
+        size,
+        label="KILN-EFI",
+        volume_id=0x4B494C4E,
+        files={"EFI/BOOT/BOOTX64.EFI": efi, "EFI/BOOT/grub.cfg": cfg, "EFI/BOOT/grubenv": env},
+        mtime=mtime,
+    )

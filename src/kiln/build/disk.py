@@ -25,11 +25,16 @@ def disk_size(v: Variant) -> int:
 
 
 def plan(v: Variant, build_id: str) -> gpt.Table:
-    sizes = {"efi": v.partitions.efi, "boot": v.partitions.boot, "root": v.partitions.root,
-             "hash": v.partitions.hash, "private": v.partitions.private, "data": None}
+    sizes = {
+        "efi": v.partitions.efi,
+        "boot": v.partitions.boot,
+        "root": v.partitions.root,
+        "hash": v.partitions.hash,
+        "private": v.partitions.private,
+        "data": None,
+    }
     specs = [
-        (s.name, s.type_guid, uuid.uuid5(NAMESPACE, f"{build_id}:{s.name}"), sizes[s.key])
-        for s in layout.PARTITIONS
+        (s.name, s.type_guid, uuid.uuid5(NAMESPACE, f"{build_id}:{s.name}"), sizes[s.key]) for s in layout.PARTITIONS
     ]
     return gpt.plan(uuid.uuid5(NAMESPACE, f"{build_id}:disk"), disk_size(v), specs)
 
@@ -48,7 +53,9 @@ def assemble(path: Path, v: Variant, build_id: str, images: dict[str, Path]) -> 
             name = layout.part_name(key, None if key == "efi" else "A")
             part = by_name[name]
             if src.stat().st_size > part.size:
-                raise KilnError(f"{src.name} ({src.stat().st_size} bytes) does not fit partition {name} ({part.size} bytes)")
+                raise KilnError(
+                    f"{src.name} ({src.stat().st_size} bytes) does not fit partition {name} ({part.size} bytes)"
+                )
             tools.copy_sparse(src, fd, part.offset)
         os.fsync(fd)
     return table

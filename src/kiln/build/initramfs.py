@@ -27,8 +27,10 @@ def _find(stage: Path, name: str) -> Path:
     for d in ("bin", "sbin", "usr/bin", "usr/sbin"):
         if (stage / d / name).is_file():
             return stage / d / name
-    raise KilnError(f"initramfs: '{name}' not found in the initramfs packages",
-                    hint="the variant's packages.initramfs must include busybox-static, dmsetup, e2fsprogs")
+    raise KilnError(
+        f"initramfs: '{name}' not found in the initramfs packages",
+        hint="the variant's packages.initramfs must include busybox-static, dmsetup, e2fsprogs",
+    )
 
 
 def _needed(path: Path) -> list[str]:

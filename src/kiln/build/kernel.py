@@ -71,8 +71,9 @@ class Kernel:
 def unpack(packages: list[Package], dest: Path, where: str) -> Kernel:
     images = [p for p in packages if p.name.startswith("linux-image-") and p.name[12:13].isdigit()]
     if len(images) != 1:
-        raise KilnError(f"{where}: expected exactly one linux-image-<release> package, found "
-                        f"{[p.name for p in images] or 'none'}")
+        raise KilnError(
+            f"{where}: expected exactly one linux-image-<release> package, found {[p.name for p in images] or 'none'}"
+        )
     pkg = images[0]
     run(["dpkg-deb", "-x", pkg.deb, dest])
     releases = [d.name for d in (dest / "lib" / "modules").iterdir()] if (dest / "lib/modules").is_dir() else []

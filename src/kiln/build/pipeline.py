@@ -83,7 +83,9 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
     start = time.monotonic()
     opts.cache.mkdir(parents=True, exist_ok=True)
     what = f"variant {v.name} ({v.source})"
-    work = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=opts.output.parent if opts.output.parent.exists() else None))
+    work = Path(
+        tempfile.mkdtemp(prefix=".kiln-build-", dir=opts.output.parent if opts.output.parent.exists() else None)
+    )
     try:
         a = apt.Apt(opts.cache / "apt", ARCH)
         with progress.step("packages", "resolving and downloading the Debian closure"):
@@ -132,17 +134,24 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             initramfs.build(istage, krn, mods, initrd, opts.sde)
         with progress.step("boot", "GRUB, ESP and BOOT partitions"):
             boot_img = images / "boot.img"
-            bootloader.boot_partition(
-                boot_img, v, krn.vmlinuz, initrd, vres, mtime=opts.sde, work=work / "boot-files"
-            )
+            bootloader.boot_partition(boot_img, v, krn.vmlinuz, initrd, vres, mtime=opts.sde, work=work / "boot-files")
             esp_img = images / "esp.img"
             bootloader.esp_partition(esp_img, v.partitions.efi, mtime=opts.sde, work=work / "esp-files")
         with atomic_dir(opts.output) as out:
             with progress.step("disk", "GPT A/B image"):
                 disk_path = out / "disk.img"
-                disk.assemble(disk_path, v, build_id, {"efi": esp_img, "boot": boot_img, "root": root_img, "hash": hash_img})
+                disk.assemble(
+                    disk_path, v, build_id, {"efi": esp_img, "boot": boot_img, "root": root_img, "hash": hash_img}
+                )
             with progress.step("artifacts", "compressed update images"):
-                manifest = _artifacts(out / "artifacts", v, vres, {"boot": boot_img, "root": root_img, "hash": hash_img}, krn.release, build_id)
+                manifest = _artifacts(
+                    out / "artifacts",
+                    v,
+                    vres,
+                    {"boot": boot_img, "root": root_img, "hash": hash_img},
+                    krn.release,
+                    build_id,
+                )
             sizes = {
                 "rootfs_tree": tree_bytes,
                 "root": root_img.stat().st_size,
@@ -168,7 +177,9 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _artifacts(dest: Path, v: Variant, vres: verity.VerityResult, images: dict[str, Path], kver: str, build_id: str) -> dict[str, Any]:
+def _artifacts(
+    dest: Path, v: Variant, vres: verity.VerityResult, images: dict[str, Path], kver: str, build_id: str
+) -> dict[str, Any]:
     """Compressed boot/root/hash images plus a manifest an update agent can check."""
     dest.mkdir(parents=True)
     entries: dict[str, Any] = {}

@@ -25,22 +25,60 @@ PY_SITE = "usr/lib/python3/dist-packages"
 # Packages copied into the image: the in-image code and the pure formats it reads.
 IN_IMAGE_PACKAGES = ("core", "image", "host")
 PRUNE = (
-    "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
-    "usr/share/bug", "usr/share/bash-completion", "usr/share/zsh", "usr/share/fish",
-    "usr/share/gtk-doc", "usr/share/common-licenses", "var/cache/debconf", "var/lib/dpkg",
-    "var/log", "usr/share/pixmaps", "usr/share/applications", "usr/share/menu",
-    "usr/share/perl5", "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl", "usr/lib/x86_64-linux-gnu/perl-base",
-    "usr/bin/perl", "usr/bin/perl5.36.0",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "usr/share/bug",
+    "usr/share/bash-completion",
+    "usr/share/zsh",
+    "usr/share/fish",
+    "usr/share/gtk-doc",
+    "usr/share/common-licenses",
+    "var/cache/debconf",
+    "var/lib/dpkg",
+    "var/log",
+    "usr/share/pixmaps",
+    "usr/share/applications",
+    "usr/share/menu",
+    "usr/share/perl5",
+    "usr/share/perl",
+    "usr/lib/x86_64-linux-gnu/perl",
+    "usr/lib/x86_64-linux-gnu/perl-base",
+    "usr/bin/perl",
+    "usr/bin/perl5.36.0",
 )
 # The package manager and its front ends: a Kiln host is changed by image updates only.
-PACKAGE_MANAGER = ("usr/bin/dpkg", "usr/bin/dpkg-deb", "usr/bin/dpkg-query", "usr/bin/dpkg-split",
-                   "usr/bin/dpkg-divert", "usr/bin/dpkg-trigger", "usr/bin/dpkg-statoverride",
-                   "usr/bin/dpkg-maintscript-helper", "usr/bin/dpkg-realpath", "usr/sbin/dpkg-preconfigure",
-                   "usr/sbin/dpkg-reconfigure", "usr/bin/debconf", "usr/bin/debconf-apt-progress",
-                   "usr/bin/debconf-communicate", "usr/bin/debconf-copydb", "usr/bin/debconf-escape",
-                   "usr/bin/debconf-set-selections", "usr/bin/debconf-show", "usr/sbin/adduser",
-                   "usr/sbin/addgroup", "usr/sbin/deluser", "usr/sbin/delgroup", "usr/bin/login",
-                   "usr/bin/su", "usr/sbin/sulogin", "usr/sbin/agetty", "usr/sbin/getty")
+PACKAGE_MANAGER = (
+    "usr/bin/dpkg",
+    "usr/bin/dpkg-deb",
+    "usr/bin/dpkg-query",
+    "usr/bin/dpkg-split",
+    "usr/bin/dpkg-divert",
+    "usr/bin/dpkg-trigger",
+    "usr/bin/dpkg-statoverride",
+    "usr/bin/dpkg-maintscript-helper",
+    "usr/bin/dpkg-realpath",
+    "usr/sbin/dpkg-preconfigure",
+    "usr/sbin/dpkg-reconfigure",
+    "usr/bin/debconf",
+    "usr/bin/debconf-apt-progress",
+    "usr/bin/debconf-communicate",
+    "usr/bin/debconf-copydb",
+    "usr/bin/debconf-escape",
+    "usr/bin/debconf-set-selections",
+    "usr/bin/debconf-show",
+    "usr/sbin/adduser",
+    "usr/sbin/addgroup",
+    "usr/sbin/deluser",
+    "usr/sbin/delgroup",
+    "usr/bin/login",
+    "usr/bin/su",
+    "usr/sbin/sulogin",
+    "usr/sbin/agetty",
+    "usr/sbin/getty",
+)
 
 
 @dataclass(frozen=True)
@@ -207,8 +245,7 @@ def finish(root: Path, variant: Variant, osr: OsRelease, packages: Sequence[Pack
 def _compile_python(root: Path) -> None:
     """Precompile all Python: the root is read-only and erofs -T0 zeroes mtimes."""
     dirs = [f"/{d.relative_to(root)}" for d in sorted((root / "usr/lib").glob("python3*")) if d.is_dir()]
-    _chroot(root, "/usr/bin/python3", "-m", "compileall", "-q", "-j1",
-            "--invalidation-mode", "unchecked-hash", *dirs)
+    _chroot(root, "/usr/bin/python3", "-m", "compileall", "-q", "-j1", "--invalidation-mode", "unchecked-hash", *dirs)
 
 
 def tree_size(root: Path) -> int:

@@ -18,8 +18,10 @@ def mkfs_erofs(image: Path, tree: Path, *, mtime: int, fs_uuid: uuid.UUID, compr
 def mkfs_fat(image: Path, size: int, *, label: str, volume_id: int, files: Mapping[str, Path], mtime: int) -> None:
     """A FAT image of `size` bytes holding `files` (dest path inside -> source file)."""
     image.unlink(missing_ok=True)
-    run(["mkfs.vfat", "-C", "--invariant", "-i", f"{volume_id:08x}", "-n", label, image, str(size // 1024)],
-        env={"SOURCE_DATE_EPOCH": str(mtime)})
+    run(
+        ["mkfs.vfat", "-C", "--invariant", "-i", f"{volume_id:08x}", "-n", label, image, str(size // 1024)],
+        env={"SOURCE_DATE_EPOCH": str(mtime)},
+    )
     env = {"SOURCE_DATE_EPOCH": str(mtime), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
     made: set[str] = set()
     for dest in files:

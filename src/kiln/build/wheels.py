@@ -17,8 +17,19 @@ from kiln.core.run import CommandError, run
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "host" / "requirements.txt"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)$")
-TARGET = ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-          "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:"]
+TARGET = [
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+    "--only-binary=:all:",
+]
 
 
 def read_requirements(path: Path = REQUIREMENTS) -> list[str]:
@@ -43,8 +54,24 @@ def vendor(requirements: list[str], site: Path, cache: Path) -> list[Path]:
     try:
         run([*pip, "download", "--no-deps", *TARGET, "-d", cache, *requirements])
     except CommandError as e:
-        raise KilnError(f"cannot download the in-image Python wheels {requirements}:\n{e.stderr.strip()[-800:]}") from None
-    run([*pip, "install", "--no-deps", "--no-index", "--find-links", cache, "--no-compile",
-         "--target", site, "--upgrade", *TARGET, *requirements])
+        raise KilnError(
+            f"cannot download the in-image Python wheels {requirements}:\n{e.stderr.strip()[-800:]}"
+        ) from None
+    run(
+        [
+            *pip,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            cache,
+            "--no-compile",
+            "--target",
+            site,
+            "--upgrade",
+            *TARGET,
+            *requirements,
+        ]
+    )
     names = {r.split("==")[0].lower().replace("-", "_") for r in requirements}
     return sorted(w for w in cache.glob("*.whl") if w.name.split("-")[0].lower() in names)

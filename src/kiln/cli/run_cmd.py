@@ -10,8 +10,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from kiln.core.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.vm.qemu import Vm
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return _headless(Vm(cfg, serial_log=args.serial_log), args)
 
 
-def _headless(vm: object, args: argparse.Namespace) -> int:
-    from kiln.vm.qemu import Vm
-
-    assert isinstance(vm, Vm)
-
+def _headless(vm: Vm, args: argparse.Namespace) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 

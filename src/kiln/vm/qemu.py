@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -329,4 +329,4 @@ def parse_forwards(specs: Sequence[str]) -> tuple[Forward, ...]:
     return tuple(Forward.parse(s) for s in specs)
 
 
-__all__ = ["READY_RE", "Forward", "Vm", "VmConfig", "booted", "field", "free_port", "kvm_usable", "parse_forwards"]
+__all__ = ["READY_RE", "Forward", "Vm", "VmConfig", "booted", "free_port", "kvm_usable", "parse_forwards", "qmp"]
