@@ -76,6 +76,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _build_id(v: Variant, packages: list[apt.Package], debug_console: bool) -> str:
+    """Identifies the inputs (package versions, variant file, Kiln version, build flags);
+    the disk and partition GUIDs and os-release's BUILD_ID derive from it."""
+    from kiln import __version__
+
+    inputs = {
+        "packages": [[p.name, p.version] for p in packages],
+        "variant": v.source.read_text() if v.source.is_file() else v.name,
+        "version": v.version,
+        "kiln": __version__,
+        "debug_console": debug_console,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def build(opts: BuildOptions, progress: Progress) -> BuildResult:
     v = opts.variant
     if os.geteuid() != 0:
@@ -104,9 +119,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             wheels.vendor(wheels.read_requirements(), root / rootfs.PY_SITE, opts.cache / "wheels")
             rootfs.install_files(root, v)
             rootfs.configure_systemd(root, v, opts.debug_console)
-            build_id = hashlib.sha256(
-                json.dumps([[p.name, p.version] for p in pkgs + kpkgs] + [v.name, v.version]).encode()
-            ).hexdigest()[:12]
+            build_id = _build_id(v, pkgs + kpkgs, opts.debug_console)
             osr = rootfs.OsRelease(v.version, v.name, build_id, opts.debug_console)
             rootfs.finish(root, v, osr, pkgs + kpkgs)
             tree_bytes = rootfs.tree_size(root)
