@@ -47,6 +47,8 @@ from typing import Any
 
 import _bench as B
 
+from kiln.build.apt import Package
+from kiln.build.kernel import Kernel
 from kiln.build.pipeline import BuildOptions, build, default_cache
 from kiln.core.progress import Progress
 from kiln.variant import Variant, load_variant
@@ -80,21 +82,6 @@ INIT_RE = r"kiln-init:"
 
 
 # ------------------------------------------------------------------ kernel and busybox
-@dataclass(frozen=True)
-class Kernel:
-    deb: Path
-    release: str
-    root: Path
-
-    @property
-    def vmlinuz(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
-
-    @property
-    def moddir(self) -> Path:
-        return self.root / "lib" / "modules" / self.release
-
-
 def find_kernel_deb(release: str | None) -> Path:
     archives = default_cache() / "apt" / "archives"
     pattern = f"linux-image-{release}_*.deb" if release else "linux-image-*-cloud-amd64_*.deb"
@@ -125,7 +112,8 @@ def unpack_kernel(deb: Path) -> Kernel:
     releases = [d.name for d in (root / "lib" / "modules").iterdir()]
     if len(releases) != 1:
         raise SystemExit(f"{deb.name}: expected one lib/modules/<release>, found {releases}")
-    k = Kernel(deb, releases[0], root)
+    name, version, arch = deb.stem.split("_")
+    k = Kernel(root, releases[0], Package(name, version.replace("%3a", ":"), arch, deb))
     if not (k.moddir / "modules.dep").is_file():
         B.run(["depmod", "-b", root, k.release])  # the .deb ships no modules.dep
     return k
@@ -133,30 +121,7 @@ def unpack_kernel(deb: Path) -> Kernel:
 
 def resolve_modules(k: Kernel, names: tuple[str, ...]) -> list[str]:
     """Module paths (relative to the module directory) for `names`, dependencies first."""
-    deps: dict[str, list[str]] = {}
-    for line in (k.moddir / "modules.dep").read_text().splitlines():
-        mod, _, needs = line.partition(":")
-        deps[mod] = needs.split()
-
-    def key(path: str) -> str:
-        return Path(path).name.split(".ko")[0].replace("-", "_")
-
-    by_name = {key(p): p for p in deps}
-    builtin = {key(p) for p in (k.moddir / "modules.builtin").read_text().split()}
-    order: list[str] = []
-
-    def visit(path: str) -> None:
-        if path not in order:
-            for dep in deps[path]:
-                visit(dep)
-            order.append(path)
-
-    for name in names:
-        n = name.replace("-", "_")
-        if n in by_name:
-            visit(by_name[n])
-        elif n not in builtin:
-            raise SystemExit(f"kernel {k.release} has no module {name}")
+    order = k.resolve(names, "bench initramfs")
     bad = [p for p in order if not p.endswith(".ko")]
     if bad:
         raise SystemExit(f"compressed modules are not supported by this benchmark: {bad}")
@@ -239,7 +204,7 @@ def general_image(k: Kernel, bb: bytes, bb_source: str) -> General:
     """The general-purpose Debian image for `k`, built once and cached."""
     key = hashlib.sha256(
         json.dumps(
-            [GENERAL_FORMAT, GENERAL_INCLUDE, k.deb.name, bb_source, INITRD_MODULES]
+            [GENERAL_FORMAT, GENERAL_INCLUDE, k.package.deb.name, bb_source, INITRD_MODULES]
         ).encode()
     ).hexdigest()[:12]
     dest = B.CACHE / f"general-{key}"
@@ -315,7 +280,7 @@ def general_image(k: Kernel, bb: bytes, bb_source: str) -> General:
         B.write_initramfs(work / "initrd.img", files)
         meta = {
             "include": GENERAL_INCLUDE,
-            "kernel": k.deb.name,
+            "kernel": k.package.deb.name,
             "packages": packages,
             "tree_bytes": tree,
             "image_bytes": size,
@@ -853,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_mib": 1024,
         "variant": s.variant.name,
         "kiln_image": str(s.kiln_disk) if args.image else "built for this run",
-        "kernel": s.kernel.deb.name,
+        "kernel": s.kernel.package.deb.name,
         "busybox": s.busybox,
         "general": s.general.meta,
         "machine": info,
