@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import stat
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kiln.vm.qemu import end_process_group
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -357,15 +358,7 @@ class DirectVm:
             time.sleep(0.02)
 
     def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        end_process_group(self.proc, self._reader)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,11 @@ def state(a: Flags, b: Flags, active: str | None = "A", ever: bool = False) -> S
     return SlotState(a, b, active, ever)
 
 
+def placed(active: str, running: Flags, other: Flags) -> SlotState:
+    """A state running `active` with flags `running`, the other slot holding `other`."""
+    return state(running, other, active) if active == "A" else state(other, running, active)
+
+
 def fresh() -> SlotState:
     """The state of a freshly built image, running slot A."""
     return state(GOOD, EMPTY, "A")
@@ -130,7 +135,7 @@ def test_inactive_and_flags() -> None:
 def test_mark_successful_boot(active: str) -> None:
     unconfirmed = Flags(2, 0, False)
     other = Flags(1, 0, True)
-    st = state(unconfirmed, other, active) if active == "A" else state(other, unconfirmed, active)
+    st = placed(active, unconfirmed, other)
     after = mark_successful_boot(st)
     assert after.flags(active) == Flags(2, 0, True)
     assert after.flags(st.inactive) == other
@@ -148,7 +153,7 @@ def test_mark_successful_boot_keeps_tries() -> None:
 def test_clear_inactive(active: str) -> None:
     busy = Flags(7, 3, True)
     running = Flags(2, 0, True)
-    st = state(running, busy, active) if active == "A" else state(busy, running, active)
+    st = placed(active, running, busy)
     after = clear_inactive(st)
     assert after.flags(st.inactive) == EMPTY
     assert after.flags(active) == running
@@ -159,7 +164,7 @@ def test_clear_inactive(active: str) -> None:
 @pytest.mark.parametrize("active", SLOTS)
 def test_mark_inactive_valid(active: str) -> None:
     running = Flags(1, 0, True)
-    st = state(running, EMPTY, active) if active == "A" else state(EMPTY, running, active)
+    st = placed(active, running, EMPTY)
     after = mark_inactive_valid(st)
     assert after.flags(st.inactive) == Flags(0, 1, False)
     assert after.flags(active) == running
@@ -177,7 +182,7 @@ def test_mark_inactive_valid_keeps_priority_and_flag() -> None:
 def test_upgrade_to_inactive(active: str) -> None:
     running = Flags(2, 0, True)
     valid = Flags(0, 1, False)
-    st = state(running, valid, active) if active == "A" else state(valid, running, active)
+    st = placed(active, running, valid)
     after = upgrade_to_inactive(st)
     assert after.flags(st.inactive) == Flags(2, 1, False)
     assert after.flags(active) == Flags(1, 0, True)
@@ -221,7 +226,7 @@ def test_upgrade_to_inactive_precondition_is_exact() -> None:
 def test_cancel_upgrade(active: str) -> None:
     running = Flags(1, 0, True)
     target = Flags(2, 1, False)
-    st = state(running, target, active) if active == "A" else state(target, running, active)
+    st = placed(active, running, target)
     after = cancel_upgrade(st)
     assert after.flags(st.inactive) == Flags(0, 1, False)
     assert after.flags(active) == Flags(2, 0, True)
@@ -240,7 +245,7 @@ def test_cancel_upgrade_undoes_upgrade() -> None:
 def test_rollback_to_inactive(active: str) -> None:
     running = Flags(2, 0, True)
     previous = Flags(1, 0, True)
-    st = state(running, previous, active) if active == "A" else state(previous, running, active)
+    st = placed(active, running, previous)
     after = rollback_to_inactive(st)
     assert after.flags(st.inactive) == Flags(2, 0, True)
     assert after.flags(active) == Flags(1, 0, True)

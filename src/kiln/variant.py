@@ -8,6 +8,7 @@ silently builds a different image.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -59,13 +60,7 @@ class Variant:
 
     def with_version(self, version: str) -> Variant:
         _check_version(version, f"{self.source}: --version")
-        return _replace(self, version=version)
-
-
-def _replace(v: Variant, **kw: Any) -> Variant:
-    import dataclasses
-
-    return dataclasses.replace(v, **kw)
+        return dataclasses.replace(self, version=version)
 
 
 def _check_version(value: str, where: str) -> None:

@@ -175,14 +175,7 @@ class Vm:
 
     def kill(self) -> None:
         """End QEMU and its process group (only what we started)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        if self._reader:
-            self._reader.join(timeout=5)
+        end_process_group(self.proc, self._reader)
 
     def shutdown(self, timeout: float = 90) -> bool:
         """Press the ACPI power button and wait for a clean power-off; kill after `timeout`.
@@ -297,6 +290,20 @@ def booted(cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None =
         vm.kill()
 
 
+def end_process_group(proc: subprocess.Popen[bytes] | None, reader: threading.Thread | None = None) -> None:
+    """SIGKILL the process group a QEMU was started in (start_new_session), reap it and
+    let its serial reader drain. Only ever used on processes this program started."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    if reader is not None:
+        reader.join(timeout=5)
+
+
 def qmp(sock_path: Path, command: str, timeout: float = 5) -> dict[str, object]:
     """Send one QMP command to a running QEMU and return its reply."""
     import json
@@ -329,4 +336,7 @@ def parse_forwards(specs: Sequence[str]) -> tuple[Forward, ...]:
     return tuple(Forward.parse(s) for s in specs)
 
 
-__all__ = ["READY_RE", "Forward", "Vm", "VmConfig", "booted", "free_port", "kvm_usable", "parse_forwards", "qmp"]
+__all__ = [
+    "READY_RE", "Forward", "Vm", "VmConfig", "booted", "end_process_group", "free_port", "kvm_usable",
+    "parse_forwards", "qmp",
+]

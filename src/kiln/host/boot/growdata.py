@@ -7,10 +7,10 @@ new partition size, and ext4 is grown online.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
+from kiln.core.run import run
 from kiln.image import gpt, layout
 
 DATA = layout.part_name("data")
@@ -40,8 +40,8 @@ def main() -> int:
         print(f"kiln-grow-data: last partition is {last.name}, not {DATA}", file=sys.stderr)
         return 1
     # Tell the kernel the new size without re-reading the whole (in-use) table.
-    subprocess.run(["partx", "-u", "--nr", str(number), str(disk)], check=True)
-    subprocess.run(["resize2fs", str(region.path)], check=True, capture_output=True)
+    run(["partx", "-u", "--nr", str(number), disk])
+    run(["resize2fs", region.path])
     print(f"kiln-grow-data: grew {DATA} to {last.size // 2**20} MiB")
     return 0
 

@@ -28,7 +28,7 @@ def ready_line(osr: dict[str, str], slot: str) -> str:
 
 def status_line() -> str:
     """A one-line summary for the console: how the root is mounted and what runs."""
-    import subprocess
+    from kiln.core.run import run  # after the ready line: not on the boot's critical path
 
     mounts = {}
     for line in Path("/proc/mounts").read_text().splitlines():
@@ -36,10 +36,8 @@ def status_line() -> str:
         mounts[mnt] = (dev, fstype, opts.split(",")[0])
     root = mounts.get("/", ("?", "?", "?"))
     verity = "dm-verity" if root[0].startswith("/dev/mapper/kiln-root") or root[0].startswith("/dev/dm-") else root[0]
-    units = subprocess.run(
-        ["systemctl", "list-units", "--type=service", "--state=running", "--no-legend", "--plain"],
-        capture_output=True, text=True, check=False,
-    ).stdout.split()
+    argv = ["systemctl", "list-units", "--type=service", "--state=running", "--no-legend", "--plain"]
+    units = run(argv, check=False).stdout.decode().split()
     services = sorted(u.removesuffix(".service") for u in units if u.endswith(".service"))
     return (f"kiln: status root={verity},{root[1]},{root[2]} etc={mounts.get('/etc', ('?', '?'))[1]} "
             f"local={mounts.get('/local', ('?', '?'))[1]} services={','.join(services)}")
