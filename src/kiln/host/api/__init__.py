@@ -1,0 +1,1 @@
+"""The host API: settings over a Unix socket, and the mutual-TLS remote API."""
