@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from kiln import __version__
-from kiln.cli import build_cmd, run_cmd
+from kiln.cli import build_cmd, pki_cmd, run_cmd
 from kiln.core.errors import KilnError
 from kiln.host import cli as host_cli
 
@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     build_cmd.register(sub)
     run_cmd.register(sub)
+    pki_cmd.register(sub)
     host_cli.register(sub)
     return p
 
