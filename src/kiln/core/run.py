@@ -73,8 +73,12 @@ def run(
     input: bytes | None = None,
     capture: bool = True,
     check: bool = True,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a command; raise CommandError (with its stderr) when it fails and `check` is set."""
+    """Run a command; raise CommandError (with its stderr) when it fails and `check` is set.
+
+    A command still running after `timeout` seconds is killed and reported as failed.
+    """
     args = [str(a) for a in argv]
     args[0] = which(args[0]) if "/" not in args[0] else args[0]
     full_env = dict(os.environ)
@@ -82,15 +86,21 @@ def run(
     if env:
         full_env.update(env)
     log.debug("run: %s", shlex.join(args))
-    proc = subprocess.run(
-        args,
-        cwd=cwd,
-        env=full_env,
-        input=input,
-        stdout=subprocess.PIPE if capture else None,
-        stderr=subprocess.PIPE if capture else None,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            args,
+            cwd=cwd,
+            env=full_env,
+            input=input,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(args, -9, f"timed out after {timeout:g} s\n" + (e.stderr or b"").decode(errors="replace"))
+    except (FileNotFoundError, PermissionError) as e:
+        raise CommandError(args, 127, str(e)) from None
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, (proc.stderr or b"").decode(errors="replace"))
     return proc

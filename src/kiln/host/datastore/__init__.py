@@ -1,0 +1,189 @@
+"""The datastore: live settings, pending transactions and definitions, on PRIVATE.
+
+Layout (Bottlerocket keeps one file per key; Kiln keeps one JSON document per state so
+that a commit is a single rename and a reader can never see half of one):
+
+    /var/lib/kiln/datastore/
+      lock                      writers hold an exclusive flock on it
+      current -> v1.0.0         the datastore version in use (migrations copy, then swap)
+      v1.0.0/live/settings.json       committed settings (nested JSON)
+      v1.0.0/live/definitions.json    metadata, services, configuration files (from the image)
+      v1.0.0/pending/<tx>.json        uncommitted settings of transaction <tx>
+
+Every write is temp file + fsync + rename + directory fsync. Every change is validated
+against the settings model before anything is written, so a rejected request leaves the
+store as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kiln.core.fs import atomic_write, fsync_dir
+from kiln.host.settings import definitions as defs
+from kiln.host.settings.keys import Tree, changed_keys, merge
+from kiln.host.settings.model import validate
+
+DEFAULT_ROOT = Path("/var/lib/kiln/datastore")
+DEFAULT_TX = "default"
+LAUNCH_TX = "kiln-launch"
+_TX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_VERSION = re.compile(r"^v[0-9A-Za-z.+_-]{1,64}$")
+
+
+class DatastoreError(Exception):
+    """The datastore refused an operation; `status` is the HTTP code the API maps it to."""
+
+    status = 400
+
+    def __init__(self, detail: str, path: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.path = path
+
+
+class NotFound(DatastoreError):
+    status = 404
+
+
+class NothingPending(DatastoreError):
+    status = 409
+
+
+class Datastore:
+    def __init__(self, root: Path = DEFAULT_ROOT) -> None:
+        self.root = Path(root)
+
+    # -- layout ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, version: str) -> Datastore:
+        """Open the datastore at `root`, making an empty one for `version` if there is none."""
+        store = cls(root)
+        root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not (root / "current").exists():
+            name = f"v{version.removeprefix('v')}"
+            if not _VERSION.match(name):
+                raise DatastoreError(f"invalid datastore version '{version}'")
+            with store._writing():
+                (root / name / "live").mkdir(parents=True, exist_ok=True)
+                (root / name / "pending").mkdir(exist_ok=True)
+                for doc in ("settings.json", "definitions.json"):
+                    if not (root / name / "live" / doc).exists():
+                        atomic_write(root / name / "live" / doc, b"{}\n", mode=0o640)
+                tmp = root / ".current.new"
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                tmp.symlink_to(name)
+                os.replace(tmp, root / "current")
+                fsync_dir(root)
+        return store
+
+    @property
+    def version_dir(self) -> Path:
+        cur = self.root / "current"
+        if not cur.is_dir():
+            raise DatastoreError(f"no datastore at {self.root} (kiln-storewolf creates it at boot)")
+        return cur
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time, across threads and processes (flock per open file)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self, path: Path) -> Tree:
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            raise DatastoreError(f"{path} is corrupt: {e}") from None
+        if not isinstance(data, dict):
+            raise DatastoreError(f"{path} is corrupt: not a JSON object")
+        return data
+
+    def _write(self, path: Path, tree: Tree) -> None:
+        atomic_write(path, json.dumps(tree, sort_keys=True, indent=1).encode() + b"\n", mode=0o640)
+
+    def _pending_path(self, tx: str) -> Path:
+        if not _TX.match(tx):
+            raise DatastoreError(f"invalid transaction name '{tx}' (letters, digits, '-', '_'; at most 64)", "tx")
+        return self.version_dir / "pending" / f"{tx}.json"
+
+    # -- reads (no lock: every document is replaced by rename) ---------------------------
+
+    def live(self) -> Tree:
+        return self._read(self.version_dir / "live" / "settings.json")
+
+    def pending(self, tx: str = DEFAULT_TX) -> Tree:
+        return self._read(self._pending_path(tx))
+
+    def transactions(self) -> list[str]:
+        return sorted(p.stem for p in (self.version_dir / "pending").glob("*.json"))
+
+    def definitions(self) -> defs.Definitions:
+        raw = self._read(self.version_dir / "live" / "definitions.json")
+        try:
+            return msgspec.convert(raw, defs.Definitions, strict=True)
+        except msgspec.ValidationError as e:
+            raise DatastoreError(f"definitions are corrupt: {e}") from None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def patch(self, tree: Any, tx: str = DEFAULT_TX) -> None:
+        """Add `tree` to transaction `tx`; the result (live + pending) must be valid settings."""
+        validate(tree)  # the patch alone: its own errors name its own keys
+        with self._writing():
+            pending = merge(self.pending(tx), tree)
+            validate(merge(self.live(), pending))
+            path = self._pending_path(tx)
+            path.parent.mkdir(exist_ok=True)
+            self._write(path, pending)
+
+    def discard(self, tx: str = DEFAULT_TX) -> bool:
+        with self._writing():
+            path = self._pending_path(tx)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            fsync_dir(path.parent)
+            return True
+
+    def discard_all(self) -> list[str]:
+        """Drop every pending transaction (storewolf does this at boot: they do not outlive one)."""
+        return [tx for tx in self.transactions() if self.discard(tx)]
+
+    def commit(self, tx: str = DEFAULT_TX) -> list[tuple[str, ...]]:
+        """Make `tx` live in one rename; returns the changed keys (empty if values were equal)."""
+        with self._writing():
+            path = self._pending_path(tx)
+            if not path.exists():
+                raise NothingPending(f"transaction '{tx}' has nothing pending", "tx")
+            old = self.live()
+            new = merge(old, self.pending(tx))
+            validate(new)
+            self._write(self.version_dir / "live" / "settings.json", new)
+            # A crash here leaves the pending file: committing it again changes nothing.
+            path.unlink()
+            fsync_dir(path.parent)
+            return [("settings", *k) for k in changed_keys(old, new)]
+
+    def set_definitions(self, value: defs.Definitions) -> None:
+        with self._writing():
+            self._write(self.version_dir / "live" / "definitions.json", msgspec.to_builtins(value))

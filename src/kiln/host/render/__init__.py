@@ -1,0 +1,1 @@
+"""The renderer (Bottlerocket's thar-be-settings + schnauzer): templates and apply."""

@@ -1,0 +1,180 @@
+"""The settings model: every setting a Kiln host accepts, typed and strict.
+
+msgspec decodes a whole settings tree into these structs; unknown keys and wrong types are
+rejected with the path of the offending value. Every field is optional because the live
+store, a pending transaction and a PATCH body are all partial trees of the same shape.
+
+Adding a setting is one field here (kebab-case in the API), a default in the variant's
+defaults file, and, if it is rendered, its metadata and template.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from kiln.host.settings.keys import format_key, get_path, set_path
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")]
+Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
+
+
+class _S(Struct, forbid_unknown_fields=True, omit_defaults=True, rename="kebab"):
+    """Base: kebab-case names, unknown keys rejected, unset fields left out of output."""
+
+
+class Network(_S):
+    hostname: Hostname | None = None
+
+
+class Ntp(_S):
+    time_servers: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=32)] | None = None
+
+
+class Kernel(_S):
+    sysctl: dict[Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$")], str] | None = None
+    lockdown: Literal["none", "integrity", "confidentiality"] | None = None
+
+
+class Updates(_S):
+    metadata_base_url: Url | None = None
+    targets_base_url: Url | None = None
+    seed: Annotated[int, Meta(ge=0, le=2047)] | None = None
+    version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)$")] | None = None
+    ignore_waves: bool | None = None
+
+
+class HostContainer(_S):
+    source: str | None = None
+    enabled: bool | None = None
+    superpowered: bool | None = None
+    user_data: str | None = None
+
+
+class BootstrapContainer(_S):
+    source: str | None = None
+    mode: Literal["off", "once", "always"] | None = None
+    essential: bool | None = None
+    user_data: str | None = None
+
+
+class ApiRemote(_S):
+    enabled: bool | None = None
+    port: Port | None = None
+    ca: Pem | None = None
+    certificate: Pem | None = None
+    key: Pem | None = None
+
+
+class Api(_S):
+    remote: ApiRemote | None = None
+
+
+class Settings(_S):
+    motd: Annotated[str, Meta(max_length=4096)] | None = None
+    network: Network | None = None
+    ntp: Ntp | None = None
+    kernel: Kernel | None = None
+    updates: Updates | None = None
+    host_containers: dict[Name, HostContainer] | None = None
+    bootstrap_containers: dict[Name, BootstrapContainer] | None = None
+    api: Api | None = None
+
+
+# Values a reader must not see through the API (the node's private key).
+SECRET_KEYS: tuple[tuple[str, ...], ...] = (("api", "remote", "key"),)
+
+
+class InvalidSettings(ValueError):
+    """A settings tree the model rejects; `path` is the dotted key of the bad value."""
+
+    def __init__(self, detail: str, path: str) -> None:
+        super().__init__(f"{path}: {detail}" if path else detail)
+        self.detail = detail
+        self.path = path
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
+_SEG = re.compile(r"\.([^.\[]+)|\[(\d+)\]|(\[\.\.\.\])")
+_PATTERNS = {
+    Hostname: "a hostname (letters, digits, '-' and '.')",
+    Url: "an http:// or https:// URL",
+    Name: "a name of lowercase letters, digits and '-' (at most 63)",
+    Pem: "a PEM block",
+}
+
+
+def _describe(msg: str) -> str:
+    for typ, what in _PATTERNS.items():
+        pattern = typ.__metadata__[0].pattern  # type: ignore[attr-defined]
+        if pattern and pattern in msg.replace("\\\\", "\\"):
+            return f"expected {what}"
+    m = re.match(r"Expected `(.+?)`(.*)$", msg, re.S)
+    if m:
+        return "expected " + m.group(1).removesuffix(" | null") + m.group(2).replace("`", "")
+    m = re.match(r"Object contains unknown field `(.+?)`$", msg)
+    if m:
+        return "unknown setting"
+    return msg[:1].lower() + msg[1:]
+
+
+def _fails_alone(tree: dict[str, Any], at: tuple[str, ...], key: str, msg: str) -> bool:
+    """Does the map at `at`, cut down to `key` alone, still fail with `msg`?"""
+    trial = copy.deepcopy(tree)
+    set_path(trial, at, {key: get_path(tree, at)[key]})
+    try:
+        msgspec.convert(trial, Settings, strict=True)
+    except msgspec.ValidationError as e:
+        m = _AT.match(str(e))
+        return m is not None and m.group("msg") == msg
+    return False
+
+
+def _locate(tree: dict[str, Any], msg: str, raw: str, key_error: bool) -> tuple[tuple[str, ...], str]:
+    """msgspec hides map keys (`$.kernel.sysctl[...]`); find them by trying each entry."""
+    path: tuple[str, ...] = ()
+    index = ""
+    for field, idx, anykey in _SEG.findall(raw):
+        if field:
+            path = (*path, field)
+        elif idx:
+            index += f"[{idx}]"
+        elif anykey:
+            path = (*path, next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*"))
+    if key_error:
+        path = (*path, next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*"))
+    return path, index
+
+
+def validate(tree: Any) -> Settings:
+    """Decode a settings tree (nested dicts, as from JSON or TOML) or raise InvalidSettings."""
+    if not isinstance(tree, dict):
+        raise InvalidSettings(f"expected a table of settings, got {type(tree).__name__}", "settings")
+    try:
+        return msgspec.convert(tree, Settings, strict=True)
+    except msgspec.ValidationError as e:
+        m = _AT.match(str(e))
+        assert m is not None
+        msg = m.group("msg")
+        path, index = _locate(tree, msg, m.group("path") or "", bool(m.group("key")))
+        unknown = re.match(r"Object contains unknown field `(.+?)`$", msg)
+        if unknown:
+            path = (*path, unknown.group(1))
+        detail = _describe(msg)
+        if m.group("key"):
+            detail = f"invalid name: {detail}"
+        raise InvalidSettings(detail, format_key(("settings", *path)) + index) from None
+
+
+def to_tree(settings: Settings) -> dict[str, Any]:
+    """Back to plain JSON-able nested dicts, unset fields omitted."""
+    out: dict[str, Any] = msgspec.to_builtins(settings)
+    return out
