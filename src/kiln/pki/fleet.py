@@ -278,8 +278,11 @@ def _common_name(cert: x509.Certificate) -> str:
 
 
 def _private_dir(path: Path) -> None:
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True)
+    if path.is_dir():
+        return
+    if path.exists() or path.is_symlink():
+        raise KilnError(f"{path} exists and is not a directory")
+    path.mkdir(mode=0o700, parents=True)
 
 
 def _read_text(path: Path) -> str:
