@@ -55,6 +55,9 @@ class Variant:
     mask_units: tuple[str, ...]
     files: Mapping[str, Path] = field(default_factory=dict)
     prune: tuple[str, ...] = ()  # absolute paths removed from the root after unpacking
+    # Settings defaults files, merged in order (later wins), and template directories.
+    settings_defaults: tuple[Path, ...] = ()
+    templates: tuple[Path, ...] = ()
     partitions: Partitions = Partitions(32 * MiB, 48 * MiB, 160 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
     source: Path = Path()
 
@@ -190,6 +193,16 @@ def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
             raise KilnError(f"{r.where}.prune[{i}]: '{path}' must be an absolute path below /usr or /etc")
     r.done()
 
+    st = top.table("settings", required=False)
+    st.where = f"{source}: settings"
+    defaults = tuple(
+        _existing(source, st.where, "defaults", p, Path.is_file) for p in st.strings("defaults", default=())
+    )
+    templates = tuple(
+        _existing(source, st.where, "templates", p, Path.is_dir) for p in st.strings("templates", default=())
+    )
+    st.done()
+
     pt = top.table("partitions")
     pt.where = f"{source}: partitions"
     sizes = {
@@ -212,9 +225,18 @@ def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
         mask_units=mask,
         files=files,
         prune=prune,
+        settings_defaults=defaults,
+        templates=templates,
         partitions=Partitions(**sizes),
         source=source,
     )
+
+
+def _existing(source: Path, where: str, key: str, rel: str, check: Callable[[Path], bool]) -> Path:
+    path = (source.parent / rel).resolve()
+    if not check(path):
+        raise KilnError(f"{where}.{key}: '{path}' does not exist")
+    return path
 
 
 def load_variant(name_or_path: str | None = None, variants_dir: Path = VARIANTS_DIR) -> Variant:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.build import apt, bootloader, disk, initramfs, kernel, rootfs, tools, wheels
+from kiln.build import apt, bootloader, disk, initramfs, kernel, rootfs, settings, tools, wheels
 from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_dir
 from kiln.core.progress import Progress
@@ -76,6 +76,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _digest_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _build_id(v: Variant, packages: list[apt.Package], debug_console: bool) -> str:
     """Identifies the inputs (package versions, variant file, Kiln version, build flags);
     the disk and partition GUIDs and os-release's BUILD_ID derive from it."""
@@ -87,6 +94,10 @@ def _build_id(v: Variant, packages: list[apt.Package], debug_console: bool) -> s
         "version": v.version,
         "kiln": __version__,
         "debug_console": debug_console,
+        "files": _digest_files(
+            [*v.files.values(), *v.settings_defaults, *(f for d in v.templates for f in sorted(d.iterdir()))]
+        ),
+        "in_image_code": _digest_files(sorted(rootfs.HOST_SRC.joinpath("host").rglob("*.py"))),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -118,6 +129,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             rootfs.install_kiln(root, Path(__file__).resolve().parents[1] / "host" / "units")
             wheels.vendor(wheels.read_requirements(), root / rootfs.PY_SITE, opts.cache / "wheels")
             rootfs.install_files(root, v)
+            settings.install(root, v)
             rootfs.configure_systemd(root, v, opts.debug_console)
             build_id = _build_id(v, pkgs + kpkgs, opts.debug_console)
             osr = rootfs.OsRelease(v.version, v.name, build_id, opts.debug_console)

@@ -148,6 +148,7 @@ def users_and_groups(root: Path, source_date_epoch: int) -> None:
     # Groups Debian's maintainer scripts would add (udev rules and tmpfiles refer to them).
     (root / "usr/lib/sysusers.d/kiln.conf").write_text(
         "# Kiln: groups Debian creates in maintainer scripts\ng kvm - -\ng render - -\ng sgx - -\n"
+        "# Kiln: members may use the API socket (/run/kiln/api.sock)\ng api - -\n"
     )
     _chroot(root, "/usr/bin/systemd-sysusers")
     day = str(source_date_epoch // 86400)
@@ -196,7 +197,13 @@ def install_files(root: Path, variant: Variant) -> None:
 
 def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None:
     run(["systemctl", f"--root={root}", "preset-all"])
-    units = [*variant.enable_units, "kiln-mark-successful-boot.service", "kiln-grow-data.service"]
+    units = [
+        *variant.enable_units,
+        "kiln-mark-successful-boot.service",
+        "kiln-grow-data.service",
+        "kiln-apiserver.socket",
+        "kiln-api-remote.service",
+    ]
     if debug_console:
         units.append("kiln-debug-shell.service")
     missing = [u for u in units if not _unit_exists(root, u)]

@@ -98,7 +98,9 @@ def run(
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
-        raise CommandError(args, -9, f"timed out after {timeout:g} s\n" + (e.stderr or b"").decode(errors="replace"))
+        raise CommandError(
+            args, -9, f"timed out after {timeout:g} s\n" + (e.stderr or b"").decode(errors="replace")
+        ) from None
     except (FileNotFoundError, PermissionError) as e:
         raise CommandError(args, 127, str(e)) from None
     if check and proc.returncode != 0:

@@ -191,12 +191,11 @@ def _dir_bytes(fs: _Fs, cluster: int) -> bytes:
     return b"".join(fs.read_at(fs.cluster_offset(c), fs.cluster_size) for c in fs.chain(cluster))
 
 
-def find_file(read_at: Callable[[int, int], bytes], path: str) -> Extent:
-    """Byte extent of the regular file at `path` ('/EFI/BOOT/grubenv'), names case-blind."""
+def _lookup(fs: _Fs, path: str) -> _Entry:
+    """The directory entry of the regular file at `path`, names case-blind."""
     parts = [p for p in path.replace("\\", "/").split("/") if p]
     if not parts:
         raise KilnError(f"FAT path {path!r} names no file")
-    fs = _open(read_at)
     cluster = 0
     entry: _Entry | None = None
     for i, part in enumerate(parts):
@@ -219,6 +218,40 @@ def find_file(read_at: Callable[[int, int], bytes], path: str) -> Extent:
             raise KilnError(f"FAT path {path!r} is a directory, not a file")
         cluster = entry.cluster
     assert entry is not None
+    return entry
+
+
+def read_file(read_at: ReadAt, path: str, limit: int = 1 << 20) -> bytes:
+    """The content of the file at `path` (fragmented or not), at most `limit` bytes."""
+    fs = _open(read_at)
+    entry = _lookup(fs, path)
+    if entry.size > limit:
+        raise KilnError(f"FAT file {path!r} is {entry.size} bytes; at most {limit} are read")
+    if entry.size == 0:
+        return b""
+    data = b"".join(fs.read_at(fs.cluster_offset(c), fs.cluster_size) for c in fs.chain(entry.cluster))
+    if len(data) < entry.size:
+        raise KilnError(f"FAT file {path!r}: cluster chain is shorter than its size")
+    return data[: entry.size]
+
+
+def volume_label(boot_sector: bytes) -> str | None:
+    """The label in a FAT boot sector (None if the sector is not FAT's)."""
+    if len(boot_sector) < 512 or boot_sector[510:512] != b"\x55\xaa":
+        return None
+    if boot_sector[82:87] == b"FAT32":
+        raw = boot_sector[71:82]
+    elif boot_sector[54:59] in (b"FAT12", b"FAT16"):
+        raw = boot_sector[43:54]
+    else:
+        return None
+    return raw.decode("ascii", errors="replace").strip() or None
+
+
+def find_file(read_at: Callable[[int, int], bytes], path: str) -> Extent:
+    """Byte extent of the regular file at `path` ('/EFI/BOOT/grubenv'), names case-blind."""
+    fs = _open(read_at)
+    entry = _lookup(fs, path)
     if entry.size == 0 or entry.cluster == 0:
         raise KilnError(f"FAT file {path!r} is empty: it has no clusters to rewrite in place")
     chain = fs.chain(entry.cluster)

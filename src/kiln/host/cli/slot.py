@@ -1,18 +1,11 @@
-"""`kiln` inside the image: the commands that make sense on a host (argparse, lean imports).
-
-The workstation CLI (kiln.cli) registers the same groups, so `kiln slot status --image
-disk.img` works from outside too.
-"""
+"""`kiln slot …`: the A/B state (signpost), on this host or on a disk image (`--image`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from kiln.core.errors import KilnError
 from kiln.host.slot.state import TRANSITIONS, SlotState
 
 
@@ -69,19 +62,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("status", "has-boot-ever-succeeded", *TRANSITIONS):
         options(ssub.add_parser(name, help=helps[name]), argparse.SUPPRESS)
     slot.set_defaults(func=cmd_slot)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kiln", description="Kiln host commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KilnError as e:
-        print(f"kiln: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Settings defaults and templates into the image (Bottlerocket's storewolf defaults.toml).
+
+The variant lists defaults files (merged in order, later wins) and template directories.
+Everything is checked here, at build time, with the same model the host uses: an invalid
+default, a dangling service or configuration file, a missing or broken template is a build
+error naming the file. The image gets one merged /usr/share/kiln/defaults.json, the
+template sources and their precompiled bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kiln.core.errors import KilnError
+from kiln.host.render.templates import COMPILED_DIR, TEMPLATE_DIR, TemplateError, compile_all, split
+from kiln.host.settings import definitions
+from kiln.host.settings.keys import merge
+from kiln.host.settings.model import InvalidSettings, validate
+from kiln.variant import Variant
+
+DEFAULTS_PATH = Path("/usr/share/kiln/defaults.json")
+_TOP = ("settings", "metadata", "services", "configuration-files")
+
+
+def merge_defaults(files: tuple[Path, ...]) -> dict[str, Any]:
+    """Merge the defaults files in order and check the result; errors name the file."""
+    doc: dict[str, Any] = {}
+    for path in files:
+        try:
+            part = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise KilnError(f"settings defaults {path}: {e}") from None
+        unknown = sorted(set(part) - set(_TOP))
+        if unknown:
+            raise KilnError(f"settings defaults {path}: unknown table '{unknown[0]}'", hint=f"known: {', '.join(_TOP)}")
+        try:
+            validate(part.get("settings", {}))
+        except InvalidSettings as e:
+            raise KilnError(f"settings defaults {path}: {e}") from None
+        doc = merge(doc, part)
+    return doc
+
+
+def check(doc: dict[str, Any], templates: dict[str, Path]) -> definitions.Definitions:
+    try:
+        defs = definitions.from_defaults(doc)
+    except msgspec.ValidationError as e:
+        raise KilnError(f"settings defaults: {e}") from None
+    problems = defs.check()
+    for name, cf in defs.configuration_files.items():
+        if cf.template_path not in templates:
+            problems.append(f"configuration-files.{name}: template '{cf.template_path}' not found")
+    if problems:
+        raise KilnError("settings defaults: " + "; ".join(problems))
+    return defs
+
+
+def install(root: Path, variant: Variant) -> definitions.Definitions:
+    """Write defaults.json, the templates and their compiled bodies into `root`."""
+    templates: dict[str, Path] = {}
+    for d in variant.templates:
+        templates.update({p.name: p for p in sorted(d.iterdir()) if p.is_file()})
+    doc = merge_defaults(variant.settings_defaults)
+    defs = check(doc, templates)
+    src = root / TEMPLATE_DIR.relative_to("/")
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    for name, path in sorted(templates.items()):
+        try:
+            split(name, path.read_text())
+        except TemplateError as e:
+            raise KilnError(f"{path}: {e}") from None
+        shutil.copy(path, src / name)
+    compiled = root / COMPILED_DIR.relative_to("/")
+    if compiled.exists():
+        shutil.rmtree(compiled)
+    try:
+        compile_all(src, compiled)
+    except TemplateError as e:
+        raise KilnError(f"settings templates: {e}") from None
+    out = root / DEFAULTS_PATH.relative_to("/")
+    out.write_text(json.dumps(doc, sort_keys=True, indent=1) + "\n")
+    return defs

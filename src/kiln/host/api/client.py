@@ -1,0 +1,102 @@
+"""The API client (Bottlerocket's apiclient library): one small class, two transports.
+
+On the host it talks HTTP over /run/kiln/api.sock; from a workstation it talks HTTPS with
+a client certificate to the remote listener. Errors are split the python-tuf way:
+`ApiUnreachable` when no answer came (the network failed), `ApiRefused` when the server
+answered with an error (it said no, with its reason).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import KilnError
+
+SOCKET = Path("/run/kiln/api.sock")
+TIMEOUT = 120.0  # an apply restarts services; under emulation that takes a while
+
+
+class ApiUnreachable(KilnError):
+    """No response: the socket or endpoint is missing, refused, or timed out."""
+
+
+class ApiRefused(KilnError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("detail") if isinstance(body, dict) else None
+        path = body.get("path") if isinstance(body, dict) else None
+        msg = f"API refused ({status}): {detail or body}" + (f" [at {path}]" if path else "")
+        super().__init__(msg)
+        self.status = status
+        self.body = body
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(str(self.path))
+        self.sock = s
+
+
+@dataclass
+class Client:
+    """`Client.local()` on the host; `Client.remote(host, port, ssl_context)` from a workstation."""
+
+    socket_path: Path | None = SOCKET
+    host: str = ""
+    port: int = 0
+    context: ssl.SSLContext | None = None
+    timeout: float = TIMEOUT
+
+    @classmethod
+    def local(cls, path: Path = SOCKET, timeout: float = TIMEOUT) -> Client:
+        return cls(socket_path=path, timeout=timeout)
+
+    @classmethod
+    def remote(cls, host: str, port: int, context: ssl.SSLContext, timeout: float = TIMEOUT) -> Client:
+        return cls(socket_path=None, host=host, port=port, context=context, timeout=timeout)
+
+    @property
+    def where(self) -> str:
+        return str(self.socket_path) if self.socket_path else f"https://{self.host}:{self.port}"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.socket_path is not None:
+            return _UnixConnection(self.socket_path, self.timeout)
+        return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request; the decoded JSON answer (None for 204), or ApiRefused/ApiUnreachable."""
+        data = None if body is None else json.dumps(body).encode()
+        conn = self._connection()
+        try:
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except ssl.SSLError as e:
+            raise ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}",
+                                 hint="is the --pki directory the one this host's user data came from?") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ApiUnreachable(f"cannot reach the Kiln API at {self.where}: {e}") from None
+        finally:
+            conn.close()
+        try:
+            decoded = json.loads(raw) if raw else None
+        except ValueError:
+            decoded = raw.decode(errors="replace")
+        if resp.status >= 400:
+            raise ApiRefused(resp.status, decoded)
+        return decoded

@@ -1,0 +1,364 @@
+"""The API's routes: HTTP-shaped requests in, JSON responses out, no sockets here.
+
+Kept apart from the transport (server.py) so the same routes serve the local Unix socket
+and the mutual-TLS listener, and tests can call them directly. Every failure becomes an
+ApiError with a status and a JSON body `{"error", "detail", "path"}`; handlers validate
+everything before they write, so a rejected request leaves the datastore unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
+from kiln.host.render.apply import apply, os_release
+from kiln.host.render.templates import Templates
+from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
+from kiln.host.settings.model import SECRET_KEYS, InvalidSettings, validate
+
+MAX_BODY = 1 << 20
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, path: str = "") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.path = path
+
+    def body(self) -> dict[str, str]:
+        return {"error": HTTPStatus(self.status).phrase, "detail": self.detail, "path": self.path}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    body: bytes = b""
+    role: str = "admin"  # the local socket is admin; the TLS listener sets the client's role
+
+    @classmethod
+    def from_target(cls, method: str, target: str, body: bytes = b"", role: str = "admin") -> Request:
+        url = urllib.parse.urlsplit(target)
+        return cls(method, url.path, urllib.parse.parse_qs(url.query, keep_blank_values=True), body, role)
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"request body is not JSON: {e}", "body") from None
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None
+    after: Callable[[], None] | None = None  # runs once the response is sent (reboot)
+
+
+Handler = Callable[["Api", Request], Response]
+ROUTES: dict[tuple[str, str], Handler] = {}
+
+
+def route(method: str, path: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        ROUTES[(method, path)] = fn
+        return fn
+
+    return deco
+
+
+class Api:
+    """The routes' shared state: the datastore, the templates, and the action hooks."""
+
+    def __init__(
+        self,
+        store: Datastore,
+        *,
+        templates: Templates | None = None,
+        render_root: Path = Path("/"),
+        os_release_path: Path = Path("/etc/os-release"),
+        reboot: Callable[[], None] | None = None,
+        restart: bool = True,
+    ) -> None:
+        self.store = store
+        self.templates = templates or Templates()
+        self.render_root = render_root
+        self.os_release_path = os_release_path
+        self.reboot = reboot
+        self.restart = restart  # off in tests that render the real variant's files
+        self.apply_lock = threading.Lock()
+
+    def handle(self, req: Request) -> Response:
+        """Dispatch one request; never raises (a bug becomes a logged 500, not a dead server)."""
+        try:
+            handler = ROUTES.get((req.method, req.path))
+            if handler is None:
+                if any(p == req.path for _, p in ROUTES):
+                    raise ApiError(405, f"{req.method} is not allowed on {req.path}")
+                raise ApiError(404, f"no such endpoint: {req.path}")
+            if req.role != "admin" and req.method != "GET":
+                raise ApiError(403, f"role '{req.role}' may only read (GET); {req.method} {req.path} needs admin")
+            return handler(self, req)
+        except ApiError as e:
+            return Response(e.status, e.body())
+        except InvalidSettings as e:
+            return Response(400, ApiError(400, e.detail, e.path).body())
+        except DatastoreError as e:
+            return Response(e.status, ApiError(e.status, e.detail, e.path).body())
+        except Exception as e:
+            import logging
+
+            logging.getLogger("kiln.api").exception("internal error on %s %s", req.method, req.path)
+            return Response(500, ApiError(500, f"internal error: {type(e).__name__}").body())
+
+    def visible(self, tree: Tree, role: str) -> Tree:
+        """Settings as `role` may see them: secrets are masked for readers."""
+        if role == "admin":
+            return tree
+        out: Tree = json.loads(json.dumps(tree))
+        for secret in SECRET_KEYS:
+            try:
+                get_path(out, secret)
+            except LookupError:
+                continue
+            set_path(out, secret, "<redacted>")
+        return out
+
+
+def _keys(req: Request, name: str = "keys") -> list[tuple[str, ...]] | None:
+    """`?keys=a,b` as key tuples without the leading `settings` (which is optional)."""
+    raw = req.arg(name)
+    if raw is None:
+        return None
+    out = []
+    for k in _split_keys(raw):
+        try:
+            parts = parse_key(k)
+        except BadKey as e:
+            raise ApiError(400, str(e), name) from None
+        out.append(parts[1:] if parts[0] == "settings" else parts)
+    return out
+
+
+def _split_keys(raw: str) -> list[str]:
+    """Split on commas outside quotes (a quoted segment may contain one)."""
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = False
+    for c in raw:
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(c)
+    out.append("".join(buf))
+    return [k for k in (s.strip() for s in out) if k]
+
+
+def _tx(req: Request) -> str:
+    return req.arg("tx") or DEFAULT_TX
+
+
+def _filter(tree: Tree, req: Request) -> Tree:
+    keys = _keys(req)
+    if keys is not None:
+        return select(tree, keys)
+    prefix = req.arg("prefix")
+    if prefix:
+        # A string prefix on the dotted key, as Bottlerocket does: ?prefix=settings.net → network.
+        p = prefix.removeprefix("settings").removeprefix(".")
+        return unflatten((path, v) for path, v in flatten(tree) if format_key(path).startswith(p))
+    return tree
+
+
+# -- settings and transactions ----------------------------------------------------------
+
+
+@route("GET", "/settings")
+def get_settings(api: Api, req: Request) -> Response:
+    return Response(200, api.visible(_filter(api.store.live(), req), req.role))
+
+
+@route("PATCH", "/settings")
+def patch_settings(api: Api, req: Request) -> Response:
+    body = req.json()
+    if isinstance(body, dict) and set(body) == {"settings"}:
+        body = body["settings"]  # accept the user-data shape too
+    api.store.patch(body, _tx(req))
+    return Response(204)
+
+
+@route("PATCH", "/settings/keypair")
+def patch_keypair(api: Api, req: Request) -> Response:
+    body = req.json()
+    pairs = body.get("request_payload") if isinstance(body, dict) else None
+    if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
+        raise ApiError(400, 'expected {"request_payload": ["KEY=VALUE", ...]}', "request_payload")
+    api.store.patch(keypairs_to_tree(pairs), _tx(req))
+    return Response(204)
+
+
+def keypairs_to_tree(pairs: list[str]) -> Tree:
+    """`KEY=VALUE` strings → a settings tree. VALUE is JSON when that fits the model, else a string.
+
+    `seed=42` gives an int and `hostname=42` the string "42": each value is tried typed first and
+    kept as a string when the model refuses the typed form.
+    """
+    tree: Tree = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ApiError(400, f"'{pair}' is not KEY=VALUE", "request_payload")
+        try:
+            path = parse_key(key.strip())
+        except BadKey as e:
+            raise ApiError(400, str(e), "request_payload") from None
+        path = path[1:] if path[0] == "settings" else path
+        if not path:
+            raise ApiError(400, f"'{key}' names no setting", "request_payload")
+        value: Any = raw
+        try:
+            typed = json.loads(raw)
+            probe: Tree = {}
+            set_path(probe, path, typed)
+            validate(probe)
+            value = typed
+        except (ValueError, InvalidSettings):
+            pass
+        set_path(tree, path, value)
+    return tree
+
+
+@route("GET", "/tx")
+def get_tx(api: Api, req: Request) -> Response:
+    return Response(200, api.visible(api.store.pending(_tx(req)), req.role))
+
+
+@route("DELETE", "/tx")
+def delete_tx(api: Api, req: Request) -> Response:
+    tx = _tx(req)
+    if not api.store.discard(tx):
+        raise ApiError(404, f"transaction '{tx}' has nothing pending", "tx")
+    return Response(204)
+
+
+@route("GET", "/tx/list")
+def list_tx(api: Api, req: Request) -> Response:
+    return Response(200, api.store.transactions())
+
+
+@route("POST", "/tx/commit")
+def commit(api: Api, req: Request) -> Response:
+    return Response(200, [format_key(k) for k in api.store.commit(_tx(req))])
+
+
+def _apply(api: Api, keys: list[tuple[str, ...]] | None) -> dict[str, Any]:
+    if not api.apply_lock.acquire(blocking=False):
+        raise ApiError(423, "another apply is running; retry when it finishes")
+    try:
+        return apply(api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart).to_json()
+    finally:
+        api.apply_lock.release()
+
+
+@route("POST", "/tx/apply")
+def apply_keys(api: Api, req: Request) -> Response:
+    keys = _keys(req)
+    return Response(200, _apply(api, None if keys is None else [("settings", *k) for k in keys]))
+
+
+@route("POST", "/tx/commit_and_apply")
+def commit_and_apply(api: Api, req: Request) -> Response:
+    changed = api.store.commit(_tx(req))
+    return Response(200, {"changed": [format_key(k) for k in changed], "apply": _apply(api, changed)})
+
+
+# -- read-only views ---------------------------------------------------------------------
+
+
+@route("GET", "/os")
+def get_os(api: Api, req: Request) -> Response:
+    info = os_release(api.os_release_path)
+    prefix = req.arg("prefix") or ""
+    return Response(200, {k: v for k, v in info.items() if k.startswith(prefix)})
+
+
+def _by_key(req: Request, table: dict[str, Any], resolve: Callable[[tuple[str, ...]], Any]) -> dict[str, Any]:
+    keys = _keys(req)
+    if keys is None:
+        return table
+    return {format_key(("settings", *k)): resolve(("settings", *k)) for k in keys}
+
+
+@route("GET", "/metadata/affected-services")
+def affected_services(api: Api, req: Request) -> Response:
+    d = api.store.definitions()
+    return Response(200, _by_key(req, d.affected_services, lambda k: d.services_for([k])))
+
+
+@route("GET", "/metadata/setting-generators")
+def setting_generators(api: Api, req: Request) -> Response:
+    return Response(200, api.store.definitions().setting_generators)
+
+
+@route("GET", "/metadata/templates")
+def templates(api: Api, req: Request) -> Response:
+    d = api.store.definitions()
+    every = {name: cf.template_path for name, cf in d.configuration_files.items()}
+
+    def resolve(k: tuple[str, ...]) -> list[str]:
+        return sorted({d.configuration_files[f].template_path for f in d.files_for(d.services_for([k]))})
+
+    return Response(200, _by_key(req, every, resolve))
+
+
+def _named(req: Request, table: dict[str, Any], what: str) -> dict[str, Any]:
+    import msgspec
+
+    names = req.arg("names")
+    out = msgspec.to_builtins(table)
+    if names is None:
+        return dict(out)
+    wanted = [n for n in names.split(",") if n]
+    missing = [n for n in wanted if n not in table]
+    if missing:
+        raise ApiError(404, f"no such {what}: {', '.join(missing)}", "names")
+    return {n: out[n] for n in wanted}
+
+
+@route("GET", "/services")
+def services(api: Api, req: Request) -> Response:
+    return Response(200, _named(req, api.store.definitions().services, "service"))
+
+
+@route("GET", "/configuration-files")
+def configuration_files(api: Api, req: Request) -> Response:
+    return Response(200, _named(req, api.store.definitions().configuration_files, "configuration file"))
+
+
+@route("GET", "/openapi.json")
+def openapi(api: Api, req: Request) -> Response:
+    return Response(200, json.loads(OPENAPI.read_text()))
+
+
+@route("POST", "/actions/reboot")
+def reboot(api: Api, req: Request) -> Response:
+    if api.reboot is None:
+        raise ApiError(409, "reboot is not available here")
+    return Response(202, {"rebooting": True}, after=api.reboot)

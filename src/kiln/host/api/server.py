@@ -1,0 +1,223 @@
+"""The API transport: HTTP/1.1 on the local Unix socket and, optionally, HTTPS with client certs.
+
+The local server is socket-activated (kiln-apiserver.socket owns /run/kiln/api.sock, mode
+0660, group `api`), so clients connect at once while Python starts. The remote listener
+(kiln-api-remote.service) serves the same routes over TLS, requiring a client certificate
+from the fleet CA; the certificate's role decides what the client may do.
+
+Both are threaded stdlib servers: requests are short, the datastore serialises writers, and
+a slow or broken client costs one thread until its timeout, never the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request
+from kiln.host.datastore import Datastore
+
+log = logging.getLogger("kiln.api")
+SOCKET = Path("/run/kiln/api.sock")
+REMOTE_CONFIG = Path("/etc/kiln/api-remote.json")
+DEFAULT_REMOTE_PORT = 50000
+CLIENT_TIMEOUT = 30.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "kiln-api"
+    sys_version = ""
+    timeout = CLIENT_TIMEOUT
+    server: _ServerMixin  # type: ignore[assignment]
+
+    def address_string(self) -> str:  # AF_UNIX peers have no address; the stdlib would crash
+        return "local" if isinstance(self.client_address, str | bytes) else str(self.client_address[0])
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, status: int, body: Any) -> None:
+        data = b"" if body is None else json.dumps(body).encode() + b"\n"
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data and self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _serve(self) -> None:
+        role = self.server.role_of(self.connection)
+        if role is None:
+            self.close_connection = True
+            self._send(403, ApiError(403, "client certificate carries no Kiln role").body())
+            return
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._send(411, ApiError(411, "send the body with a Content-Length").body())
+            return
+        try:
+            size = int(length or 0)
+        except ValueError:
+            size = -1
+        if size < 0 or size > MAX_BODY:
+            self.close_connection = True
+            self._send(413, ApiError(413, f"body must be 0..{MAX_BODY} bytes").body())
+            return
+        body = self.rfile.read(size) if size else b""
+        resp = self.server.api.handle(Request.from_target(self.command, self.path, body, role))
+        self._send(resp.status, resp.body)
+        self.wfile.flush()
+        if resp.after is not None:
+            resp.after()
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve
+
+
+class _ServerMixin(socketserver.ThreadingMixIn):
+    daemon_threads = False  # server_close() waits for in-flight requests on shutdown
+    block_on_close = True
+    api: Api
+
+    def role_of(self, conn: socket.socket) -> str | None:
+        return "admin"  # the local socket: its mode and group are the access control
+
+
+class LocalServer(_ServerMixin, socketserver.UnixStreamServer):
+    def __init__(self, api: Api, path: Path | None = SOCKET, fd: int | None = None) -> None:
+        self.api = api
+        if fd is not None:  # socket activation: systemd already bound and listens
+            super().__init__(str(path), _Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = socket.socket(fileno=fd)
+        else:
+            assert path is not None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                path.unlink()
+            super().__init__(str(path), _Handler)
+            os.chmod(path, 0o660)
+
+
+class RemoteServer(_ServerMixin, socketserver.TCPServer):
+    """HTTPS with mandatory client certificates; the handshake runs in the request's thread."""
+
+    allow_reuse_address = True
+
+    def __init__(self, api: Api, ctx: ssl.SSLContext, host: str, port: int) -> None:
+        self.api = api
+        self.ctx = ctx
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _Handler, bind_and_activate=False)
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.server_bind()
+        self.server_activate()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(CLIENT_TIMEOUT)
+        try:
+            tls = self.ctx.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.info("TLS handshake with %s refused: %s", client_address, e)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                tls.unwrap()
+
+    def role_of(self, conn: socket.socket) -> str | None:
+        from kiln.host.api.tls import peer_identity
+
+        ident = peer_identity(conn) if isinstance(conn, ssl.SSLSocket) else None
+        return None if ident is None else ident[1]
+
+
+def activated_fd() -> int | None:
+    """The listening socket systemd passed us (LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        return 3
+    return None
+
+
+def serve(server: socketserver.BaseServer) -> None:
+    """Serve until SIGTERM/SIGINT, then finish the requests in flight and return."""
+
+    def stop(_sig: int, _frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+
+
+def _reboot() -> None:
+    from kiln.core.run import run
+
+    run(["systemctl", "reboot"], check=False)
+
+
+def remote_config(path: Path = REMOTE_CONFIG) -> dict[str, Any] | None:
+    """The rendered remote-API settings, or None when the listener is off."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    if not text.strip():
+        return None
+    cfg: dict[str, Any] = json.loads(text)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kiln-apiserver")
+    p.add_argument("--socket", type=Path, default=SOCKET)
+    p.add_argument("--datastore", type=Path, default=None)
+    p.add_argument("--remote", action="store_true", help="serve HTTPS with client certificates instead")
+    p.add_argument("--remote-config", type=Path, default=REMOTE_CONFIG)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    store = Datastore(args.datastore) if args.datastore else Datastore()
+    api = Api(store, reboot=_reboot)
+    server: socketserver.BaseServer
+    if args.remote:
+        cfg = remote_config(args.remote_config)
+        if cfg is None:
+            log.info("remote API disabled (no node TLS material in settings.api.remote)")
+            return 0
+        from kiln.host.api.tls import server_context
+
+        ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"])
+        port = int(cfg.get("port") or DEFAULT_REMOTE_PORT)
+        try:
+            server = RemoteServer(api, ctx, "::", port)
+        except OSError:  # no IPv6 on this host
+            server = RemoteServer(api, ctx, "0.0.0.0", port)
+        log.info("remote API listening on port %d (mutual TLS)", port)
+    else:
+        server = LocalServer(api, args.socket, activated_fd())
+    serve(server)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

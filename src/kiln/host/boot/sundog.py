@@ -1,0 +1,71 @@
+"""sundog: settings that are computed on the host (a random update seed, the hostname).
+
+Each generator is a command in the metadata (`setting-generator`). It prints the value as
+JSON; exit 2 means "nothing to set", any other failure or a timeout is reported and that
+setting stays unset. A key that already has a value (live, or pending from defaults or
+user data) is never generated again, so user choices and earlier generations win.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from typing import Any
+
+from kiln.host.boot.console import say
+from kiln.host.datastore import LAUNCH_TX, Datastore
+from kiln.host.settings.keys import get_path, merge, parse_key, set_path
+from kiln.host.settings.model import InvalidSettings
+
+TIMEOUT = 60.0
+
+
+def _populated(tree: dict[str, Any], path: tuple[str, ...]) -> bool:
+    try:
+        get_path(tree, path)
+    except LookupError:
+        return False
+    return True
+
+
+def generate(command: str, timeout: float = TIMEOUT) -> Any:
+    """Run one generator; its JSON value, or None when it says skip (exit 2). Raises on failure."""
+    proc = subprocess.run(shlex.split(command), capture_output=True, timeout=timeout, check=False)
+    if proc.returncode == 2:
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    return json.loads(proc.stdout)
+
+
+def run(store: Datastore, timeout: float = TIMEOUT) -> dict[str, str]:
+    report: dict[str, str] = {}
+    current = merge(store.live(), store.pending(LAUNCH_TX))
+    for key, command in sorted(store.definitions().setting_generators.items()):
+        path = parse_key(key)[1:]  # drop the leading `settings`
+        if _populated(current, path):
+            report[key] = "populated"
+            continue
+        try:
+            value = generate(command, timeout)
+            if value is None:
+                report[key] = "skipped"
+                continue
+            patch: dict[str, Any] = {}
+            set_path(patch, path, value)
+            store.patch(patch, LAUNCH_TX)
+            report[key] = "generated"
+        except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired, InvalidSettings) as e:
+            report[key] = f"failed: {e}"
+            say(f"kiln: setting generator for {key} failed: {e}")
+    return report
+
+
+def main() -> int:
+    run(Datastore())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

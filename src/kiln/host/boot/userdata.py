@@ -1,0 +1,203 @@
+"""early-boot-config: first-boot user data from providers, in a fixed order, later wins.
+
+User data is TOML rooted at `[settings]` (gzip accepted). Providers, lowest precedence
+first:
+
+    local-file    /local/user-data.toml on the DATA partition
+    config-drive  `user-data.toml` (or `user-data`) on a vfat volume labelled
+                  KILN-USERDATA or CIDATA (read in place; nothing is mounted)
+    http          the URL in `kiln.user-data-url=` on the kernel command line
+
+The first two run before any service starts (phase `early`); the HTTP provider needs the
+network and runs later (phase `network`), then commits and applies what it brought.
+A provider whose data is invalid is rejected whole, with the offending key on the console;
+the host boots on the other providers' data and the defaults, and says so.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import KilnError
+from kiln.host.boot.console import say
+from kiln.host.datastore import LAUNCH_TX, Datastore
+from kiln.host.settings.model import InvalidSettings, validate
+
+STATE = Path("/var/lib/kiln/user-data")  # <phase>.json: what each provider did (the first-boot marker)
+LOCAL_FILE = Path("/local/user-data.toml")
+DRIVE_LABELS = ("KILN-USERDATA", "CIDATA")
+DRIVE_FILES = ("user-data.toml", "user-data")
+MAX_SIZE = 1 << 20
+HTTP_DEADLINE = 60.0
+
+
+class Rejected(Exception):
+    """User data that cannot be used; the message names the key or the line."""
+
+
+@dataclass
+class Found:
+    source: str  # where it came from, for the console
+    data: bytes
+
+
+def parse(raw: bytes, source: str) -> dict[str, Any]:
+    """User data bytes → a validated settings tree, or Rejected naming the problem."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise Rejected(f"{source}: not valid gzip: {e}") from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise Rejected(f"{source}: not valid TOML: {e}") from None
+    extra = sorted(set(doc) - {"settings"})
+    if extra:
+        raise Rejected(f"{source}: '{extra[0]}' is outside [settings] (user data is rooted at [settings])")
+    settings = doc.get("settings", {})
+    try:
+        validate(settings)
+    except InvalidSettings as e:
+        raise Rejected(f"{source}: {e}") from None
+    return dict(settings)
+
+
+def local_file(path: Path = LOCAL_FILE) -> Found | None:
+    try:
+        return Found(str(path), path.read_bytes()[: MAX_SIZE + 1])
+    except FileNotFoundError:
+        return None
+
+
+def config_drive(sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev")) -> Found | None:
+    """A vfat volume labelled KILN-USERDATA or CIDATA, read without mounting it."""
+    from kiln.image.fat import read_file, volume_label
+
+    for entry in sorted(sys_block.iterdir()) if sys_block.is_dir() else ():
+        node = dev / entry.name
+        try:
+            with open(node, "rb") as f:
+                label = volume_label(f.read(512))
+                if label is None or label.upper() not in DRIVE_LABELS:
+                    continue
+
+                def read_at(offset: int, size: int, f: Any = f) -> bytes:
+                    f.seek(offset)
+                    return bytes(f.read(size))
+
+                for name in DRIVE_FILES:
+                    try:
+                        return Found(f"config drive {node} ({label})", read_file(read_at, name, MAX_SIZE))
+                    except KilnError:
+                        continue
+                raise Rejected(f"config drive {node} ({label}): no {' or '.join(DRIVE_FILES)} on it")
+        except OSError:
+            continue
+    return None
+
+
+def cmdline_url(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    for arg in cmdline.read_text().split():
+        if arg.startswith("kiln.user-data-url="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
+    """GET the URL, retrying (the network may still be coming up) for at most `deadline` s.
+
+    404 means "no user data"; anything else that is not 200 after the deadline is an error.
+    """
+    end = time.monotonic() + deadline
+    last = ""
+    for attempt in range(1000):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return Found(url, resp.read(MAX_SIZE + 1))
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            last = f"HTTP {e.code}"
+        except (OSError, ValueError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() > end:
+            break
+        time.sleep(min(0.25 * 2**attempt, 2.0))
+    raise Rejected(f"{url}: unreachable for {deadline:g} s ({last})")
+
+
+Provider = tuple[str, Callable[[], Found | None]]
+
+
+def early_providers() -> list[Provider]:
+    return [("local-file", local_file), ("config-drive", config_drive)]
+
+
+def network_providers() -> list[Provider]:
+    url = cmdline_url()
+    return [] if url is None else [("http", lambda: http(url))]
+
+
+def collect(providers: list[Provider], store: Datastore) -> dict[str, str]:
+    """Run providers in order, PATCH each one's settings into the launch transaction."""
+    report: dict[str, str] = {}
+    for name, provider in providers:
+        try:
+            found = provider()
+            if found is None:
+                report[name] = "none"
+                continue
+            if len(found.data) > MAX_SIZE:
+                raise Rejected(f"{found.source}: larger than {MAX_SIZE} bytes")
+            settings = parse(found.data, found.source)
+            store.patch(settings, LAUNCH_TX)
+            report[name] = f"applied from {found.source}"
+            say(f"kiln: user data applied from {found.source}")
+        except (Rejected, InvalidSettings) as e:
+            report[name] = f"rejected: {e}"
+            say(f"kiln: user data rejected: {e}; booting without it (defaults and other providers apply)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    phase = (argv if argv is not None else sys.argv[1:] or ["early"])[0]
+    marker = STATE / f"{phase}.json"
+    if marker.exists():  # first boot only
+        return 0
+    store = Datastore()
+    if phase == "early":
+        report = collect(early_providers(), store)
+    elif phase == "network":
+        report = collect(network_providers(), store)
+        if any(v.startswith("applied") for v in report.values()):
+            from kiln.host.render.apply import apply
+
+            changed = store.commit(LAUNCH_TX)
+            result = apply(store, changed)
+            for problem in result.errors:
+                say(f"kiln: {problem}")
+    else:
+        print(f"unknown phase '{phase}' (early or network)", file=sys.stderr)
+        return 2
+    STATE.mkdir(parents=True, exist_ok=True)
+    from kiln.core.fs import atomic_write
+
+    atomic_write(marker, json.dumps(report, indent=1).encode() + b"\n")
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
