@@ -8,10 +8,11 @@ everything before they write, so a rejected request leaves the datastore unchang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -57,9 +58,16 @@ class Request:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body or b"null")
+            value = json.loads(self.body or b"null")
         except ValueError as e:
             raise ApiError(400, f"request body is not JSON: {e}", "body") from None
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", "body") from None
+        try:  # "\ud800" parses, but could never be written to a file: refuse it here
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "request body holds a string that is not valid Unicode", "body") from None
+        return value
 
 
 @dataclass
@@ -178,7 +186,7 @@ def _tx(req: Request) -> str:
 def _filter(tree: Tree, req: Request) -> Tree:
     keys = _keys(req)
     if keys is not None:
-        return select(tree, keys)
+        return tree if () in keys else select(tree, keys)  # `settings` alone: everything
     prefix = req.arg("prefix")
     if prefix:
         # A string prefix on the dotted key, as Bottlerocket does: ?prefix=settings.net → network.
@@ -239,7 +247,7 @@ def keypairs_to_tree(pairs: list[str]) -> Tree:
             set_path(probe, path, typed)
             validate(probe)
             value = typed
-        except (ValueError, InvalidSettings):
+        except (ValueError, RecursionError, InvalidSettings):
             pass
         set_path(tree, path, value)
     return tree
@@ -268,25 +276,32 @@ def commit(api: Api, req: Request) -> Response:
     return Response(200, [format_key(k) for k in api.store.commit(_tx(req))])
 
 
-def _apply(api: Api, keys: list[tuple[str, ...]] | None) -> dict[str, Any]:
+@contextlib.contextmanager
+def _applying(api: Api) -> Iterator[None]:
     if not api.apply_lock.acquire(blocking=False):
         raise ApiError(423, "another apply is running; retry when it finishes")
     try:
-        return apply(api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart).to_json()
+        yield
     finally:
         api.apply_lock.release()
+
+
+def _apply(api: Api, keys: list[tuple[str, ...]] | None) -> dict[str, Any]:
+    return apply(api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart).to_json()
 
 
 @route("POST", "/tx/apply")
 def apply_keys(api: Api, req: Request) -> Response:
     keys = _keys(req)
-    return Response(200, _apply(api, None if keys is None else [("settings", *k) for k in keys]))
+    with _applying(api):
+        return Response(200, _apply(api, None if keys is None else [("settings", *k) for k in keys]))
 
 
 @route("POST", "/tx/commit_and_apply")
 def commit_and_apply(api: Api, req: Request) -> Response:
-    changed = api.store.commit(_tx(req))
-    return Response(200, {"changed": [format_key(k) for k in changed], "apply": _apply(api, changed)})
+    with _applying(api):  # before the commit: a 423 must leave the store as it was
+        changed = api.store.commit(_tx(req))
+        return Response(200, {"changed": [format_key(k) for k in changed], "apply": _apply(api, changed)})
 
 
 # -- read-only views ---------------------------------------------------------------------
