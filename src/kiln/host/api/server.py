@@ -23,6 +23,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Sequence
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok and not hasattr(self, "do_" + self.command):
+            # Any other method goes to the routes too (405 or 404 in JSON), not the stdlib's 501 page.
+            setattr(self, "do_" + self.command, self._serve)
+        return ok
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (bad request line, headers too long) in the API's JSON shape."""
+        self.close_connection = True
+        self._send(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+
     def _send(self, status: int, body: Any) -> None:
         data = b"" if body is None else json.dumps(body).encode() + b"\n"
         self.send_response(status)
@@ -75,12 +88,26 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(length or 0)
         except ValueError:
             size = -1
-        if size < 0 or size > MAX_BODY:
+        if size < 0:
+            self.close_connection = True
+            self._send(400, ApiError(400, f"Content-Length '{length}' is not a byte count").body())
+            return
+        if size > MAX_BODY:
             self.close_connection = True
             self._send(413, ApiError(413, f"body must be 0..{MAX_BODY} bytes").body())
             return
         body = self.rfile.read(size) if size else b""
-        resp = self.server.api.handle(Request.from_target(self.command, self.path, body, role))
+        if len(body) != size:  # the client stopped sending: never act on a cut-off body
+            self.close_connection = True
+            self._send(400, ApiError(400, f"body ended after {len(body)} of {size} bytes").body())
+            return
+        try:
+            req = Request.from_target(self.command, self.path, body, role)
+        except ValueError as e:  # urlsplit: an absolute-form target with a broken host part
+            self.close_connection = True
+            self._send(400, ApiError(400, f"malformed request target: {e}").body())
+            return
+        resp = self.server.api.handle(req)
         self._send(resp.status, resp.body)
         self.wfile.flush()
         if resp.after is not None:
