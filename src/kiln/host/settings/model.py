@@ -154,12 +154,24 @@ def _locate(tree: dict[str, Any], msg: str, raw: str, key_error: bool) -> tuple[
     return path, index
 
 
+def _null_at(tree: dict[str, Any], prefix: tuple[str, ...]) -> tuple[str, ...] | None:
+    for k, v in tree.items():
+        found = (*prefix, k) if v is None else _null_at(v, (*prefix, k)) if isinstance(v, dict) else None
+        if found is not None:
+            return found
+    return None
+
+
 def validate(tree: Any) -> Settings:
     """Decode a settings tree (nested dicts, as from JSON or TOML) or raise InvalidSettings."""
     if not isinstance(tree, dict):
         raise InvalidSettings(f"expected a table of settings, got {type(tree).__name__}", "settings")
     try:
-        return msgspec.convert(tree, Settings, strict=True)
+        settings = msgspec.convert(tree, Settings, strict=True)
+        null = _null_at(tree, ())
+        if null is not None:  # fields are optional, but null is not a value (it would render "None")
+            raise InvalidSettings("expected a value, got null", format_key(("settings", *null)))
+        return settings
     except msgspec.ValidationError as e:
         m = _AT.match(str(e))
         assert m is not None
