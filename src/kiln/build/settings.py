@@ -47,17 +47,18 @@ def merge_defaults(files: tuple[Path, ...]) -> dict[str, Any]:
     return doc
 
 
-def check(doc: dict[str, Any], templates: dict[str, Path]) -> definitions.Definitions:
+def check(doc: dict[str, Any], templates: dict[str, Path], where: str = "settings defaults") -> definitions.Definitions:
+    """Definitions of a merged defaults document; `where` (its files) starts every error."""
     try:
         defs = definitions.from_defaults(doc)
     except msgspec.ValidationError as e:
-        raise KilnError(f"settings defaults: {e}") from None
+        raise KilnError(f"{where}: {e}") from None
     problems = defs.check()
     for name, cf in defs.configuration_files.items():
         if cf.template_path not in templates:
             problems.append(f"configuration-files.{name}: template '{cf.template_path}' not found")
     if problems:
-        raise KilnError("settings defaults: " + "; ".join(problems))
+        raise KilnError(f"{where}: " + "; ".join(problems))
     return defs
 
 
@@ -67,7 +68,7 @@ def install(root: Path, variant: Variant) -> definitions.Definitions:
     for d in variant.templates:
         templates.update({p.name: p for p in sorted(d.iterdir()) if p.is_file()})
     doc = merge_defaults(variant.settings_defaults)
-    defs = check(doc, templates)
+    defs = check(doc, templates, "settings defaults " + ", ".join(str(p) for p in variant.settings_defaults))
     src = root / TEMPLATE_DIR.relative_to("/")
     if src.exists():
         shutil.rmtree(src)
