@@ -243,14 +243,23 @@ def keypairs_to_tree(pairs: list[str]) -> Tree:
         value: Any = raw
         try:
             typed = json.loads(raw)
-            probe: Tree = {}
-            set_path(probe, path, typed)
-            validate(probe)
-            value = typed
-        except (ValueError, RecursionError, InvalidSettings):
+        except (ValueError, RecursionError):
             pass
+        else:
+            if _fits(path, typed) or not _fits(path, raw):
+                value = typed  # when neither fits, the typed value's error is the one to report
         set_path(tree, path, value)
     return tree
+
+
+def _fits(path: tuple[str, ...], value: Any) -> bool:
+    probe: Tree = {}
+    set_path(probe, path, value)
+    try:
+        validate(probe)
+    except InvalidSettings:
+        return False
+    return True
 
 
 @route("GET", "/tx")

@@ -119,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _ServerMixin(socketserver.ThreadingMixIn):
     daemon_threads = False  # server_close() waits for in-flight requests on shutdown
     block_on_close = True
+    # socketserver's default backlog is 5: a 6th client connecting at once to a Unix socket
+    # gets EAGAIN, not a wait (systemd's socket unit uses SOMAXCONN; match it when we bind).
+    request_queue_size = socket.SOMAXCONN
     api: Api
 
     def role_of(self, conn: socket.socket) -> str | None:
