@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
 APT_PACKAGES := qemu-system-x86 qemu-utils ovmf grub-efi-amd64-bin grub-common erofs-utils \
-	cryptsetup-bin gdisk fdisk mtools dosfstools zstd e2fsprogs kmod binutils debootstrap \
+	cryptsetup-bin gdisk fdisk mtools dosfstools genisoimage zstd e2fsprogs kmod binutils debootstrap \
 	systemd apt dpkg debian-archive-keyring python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

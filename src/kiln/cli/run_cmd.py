@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--serial-log", type=Path, help="append the serial console to this file")
     p.add_argument("--forward", action="append", default=[], metavar="HOSTPORT:GUESTPORT",
                    help="forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (repeatable)")
+    p.add_argument("--user-data", type=Path, metavar="FILE",
+                   help="TOML user data ([settings]), attached as a config drive (vfat, label CIDATA)")
     p.add_argument("--cpus", type=int, default=1)
     p.add_argument("--memory", type=int, default=1024, help="MiB")
     p.add_argument("--disk-size", type=int, metavar="MIB", help="make the overlay disk this big (DATA grows into it)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
         cfg = VmConfig(image, Path(tmp), memory_mib=args.memory, cpus=args.cpus,
                        forwards=parse_forwards(args.forward), accel=args.accel,
-                       disk_size=args.disk_size * 2**20 if args.disk_size else None)
+                       disk_size=args.disk_size * 2**20 if args.disk_size else None, user_data=args.user_data)
         if not args.headless:
             vm = Vm(cfg, interactive=True).start()
             print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)

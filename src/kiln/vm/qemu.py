@@ -65,6 +65,25 @@ class Forward:
         return cls(int(m[1]), int(m[2]))
 
 
+CONFIG_DRIVE = "user-data.img"
+
+
+def make_config_drive(user_data: Path, image: Path) -> Path:
+    """A 1 MiB vfat volume labelled CIDATA holding `user_data` as /user-data.toml.
+
+    This is how a cloud hands a VM its user data without a metadata service (cloud-init's
+    "NoCloud" drive); the host reads it in place at first boot, without mounting it.
+    """
+    if not user_data.is_file():
+        raise KilnError(f"user data file {user_data} does not exist")
+    if user_data.stat().st_size > 512 * 1024:
+        raise KilnError(f"user data file {user_data} is larger than 512 KiB")
+    image.unlink(missing_ok=True)
+    run(["mkfs.vfat", "-C", "-n", "CIDATA", image, "1024"])
+    run(["mcopy", "-i", image, user_data, "::/user-data.toml"], env={"MTOOLS_SKIP_CHECK": "1"})
+    return image
+
+
 @dataclass(frozen=True)
 class VmConfig:
     image: Path
@@ -76,6 +95,7 @@ class VmConfig:
     overlay: bool = True  # False: boot `image` itself (callers pass a copy they own)
     disk_size: int | None = None  # bytes; the overlay is made this big (a larger "cloud volume")
     extra_args: tuple[str, ...] = ()
+    user_data: Path | None = None  # TOML; attached as a CIDATA config drive
 
     def argv(self, disk: Path, vars_fd: Path, interactive: bool = False) -> list[str]:
         accel = self.accel
@@ -98,6 +118,7 @@ class VmConfig:
             else f"if=virtio,format={fmt},file={disk}",
             "-nic", net,
             "-device", "virtio-rng-pci",
+            *(["-drive", f"if=virtio,format=raw,readonly=on,file={self.workdir / CONFIG_DRIVE}"] if self.user_data else []),
             *self.extra_args,
         ]
 
@@ -135,6 +156,8 @@ class Vm:
             disk.unlink(missing_ok=True)
             size = [str(self.cfg.disk_size)] if self.cfg.disk_size else []
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk, *size])
+        if self.cfg.user_data is not None:
+            make_config_drive(self.cfg.user_data, self.cfg.workdir / CONFIG_DRIVE)
         argv = self.cfg.argv(disk, vars_fd, self.interactive)
         self.started_at = time.monotonic()
         if self.interactive:  # the terminal is QEMU's: Ctrl-A X quits, Ctrl-A C is the monitor

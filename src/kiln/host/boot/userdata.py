@@ -4,8 +4,9 @@ User data is TOML rooted at `[settings]` (gzip accepted). Providers, lowest prec
 first:
 
     local-file    /local/user-data.toml on the DATA partition
-    config-drive  `user-data.toml` (or `user-data`) on a vfat volume labelled
-                  KILN-USERDATA or CIDATA (read in place; nothing is mounted)
+    config-drive  `user-data.toml` (or `user-data`) on an ISO 9660 volume (Rock Ridge
+                  names) labelled KILN-USERDATA or CIDATA, or a vfat volume labelled
+                  CIDATA (vfat labels hold 11 characters); read in place, never mounted
     http          the URL in `kiln.user-data-url=` on the kernel command line
 
 The first two run before any service starts (phase `early`); the HTTP provider needs the
@@ -80,24 +81,27 @@ def local_file(path: Path = LOCAL_FILE) -> Found | None:
 
 
 def config_drive(sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev")) -> Found | None:
-    """A vfat volume labelled KILN-USERDATA or CIDATA, read without mounting it."""
-    from kiln.image.fat import read_file, volume_label
+    """An ISO 9660 or vfat volume labelled KILN-USERDATA or CIDATA, read without mounting it."""
+    from kiln.image import fat, iso9660
 
     for entry in sorted(sys_block.iterdir()) if sys_block.is_dir() else ():
         node = dev / entry.name
         try:
             with open(node, "rb") as f:
-                label = volume_label(f.read(512))
-                if label is None or label.upper() not in DRIVE_LABELS:
-                    continue
 
                 def read_at(offset: int, size: int, f: Any = f) -> bytes:
                     f.seek(offset)
                     return bytes(f.read(size))
 
+                kind, label = "iso9660", iso9660.volume_label(read_at)
+                if label is None:
+                    kind, label = "vfat", fat.volume_label(read_at(0, 512))
+                if label is None or label.upper() not in DRIVE_LABELS:
+                    continue
+                reader = iso9660.read_file if kind == "iso9660" else fat.read_file
                 for name in DRIVE_FILES:
                     try:
-                        return Found(f"config drive {node} ({label})", read_file(read_at, name, MAX_SIZE))
+                        return Found(f"config drive {node} ({kind} {label})", reader(read_at, name, MAX_SIZE))
                     except KilnError:
                         continue
                 raise Rejected(f"config drive {node} ({label}): no {' or '.join(DRIVE_FILES)} on it")
