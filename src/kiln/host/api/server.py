@@ -80,6 +80,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(403, ApiError(403, "client certificate carries no Kiln role").body())
             return
         length = self.headers.get("Content-Length")
+        if len(set(self.headers.get_all("Content-Length") or ())) > 1:
+            self.close_connection = True  # which body is meant? (RFC 9112 6.3: reject, never guess)
+            self._send(400, ApiError(400, "conflicting Content-Length headers").body())
+            return
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             self._send(411, ApiError(411, "send the body with a Content-Length").body())
