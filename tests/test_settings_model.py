@@ -1,0 +1,183 @@
+"""The settings model (kiln.host.settings.model): what it accepts, and where it says a tree is wrong."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.host.settings.model import InvalidSettings, Settings, to_tree, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = ROOT / "variants/settings/defaults.toml"
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def rejected(tree: Any) -> InvalidSettings:
+    with pytest.raises(InvalidSettings) as e:
+        validate(tree)
+    assert str(e.value) == f"{e.value.path}: {e.value.detail}"
+    return e.value
+
+
+VALID: list[dict[str, Any]] = [
+    {},
+    {"motd": ""},
+    {"motd": "x" * 4096},
+    {"network": {}},
+    {"network": {"hostname": "a"}},
+    {"network": {"hostname": "kiln-1234abcd.example.com"}},
+    {"network": {"hostname": ".".join(["a" * 63] * 3)}},
+    {"ntp": {"time-servers": []}},
+    {"ntp": {"time-servers": ["0.pool.ntp.org", "10.0.0.1"]}},
+    {"kernel": {"lockdown": "integrity", "sysctl": {"net.ipv4.ip_forward": "1", "vm/max_map_count": "262144"}}},
+    {"updates": {"metadata-base-url": "https://updates.example.com/meta", "targets-base-url": "http://10.0.0.1:8080/t",
+                 "seed": 0, "version-lock": "v1.2.3", "ignore-waves": True}},
+    {"updates": {"seed": 2047, "version-lock": "latest"}},
+    {"host-containers": {"admin": {"source": "registry/admin:1", "enabled": False, "superpowered": True,
+                                   "user-data": "e30="}}},
+    {"bootstrap-containers": {"setup-1": {"mode": "once", "essential": True}}},
+    {"api": {"remote": {"enabled": True, "port": 1, "ca": PEM, "certificate": PEM, "key": PEM}}},
+    {"api": {"remote": {"port": 65535}}},
+]
+
+
+@pytest.mark.parametrize("tree", VALID, ids=range(len(VALID)))
+def test_valid_trees_are_accepted_and_round_trip(tree: dict[str, Any]) -> None:
+    settings = validate(tree)
+    assert isinstance(settings, Settings)
+    assert to_tree(settings) == tree
+
+
+def test_the_real_defaults_validate() -> None:
+    doc = tomllib.loads(DEFAULTS.read_text())
+    settings = validate(doc["settings"])
+    assert to_tree(settings) == doc["settings"]
+    assert doc["settings"]["kernel"]["sysctl"]["net.ipv4.ip_forward"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("tree", "path", "detail"),
+    [
+        # wrong types
+        ({"motd": 1}, "settings.motd", "expected str, got int"),
+        ({"network": {"hostname": 5}}, "settings.network.hostname", "expected str, got int"),
+        ({"network": "host"}, "settings.network", "expected object, got str"),
+        ({"updates": {"seed": True}}, "settings.updates.seed", "expected int, got bool"),
+        ({"updates": {"seed": "7"}}, "settings.updates.seed", "expected int, got str"),
+        ({"updates": {"ignore-waves": "no"}}, "settings.updates.ignore-waves", "expected bool, got str"),
+        ({"api": {"remote": {"port": "50000"}}}, "settings.api.remote.port", "expected int, got str"),
+        ({"host-containers": {"admin": {"enabled": "yes"}}}, "settings.host-containers.admin.enabled",
+         "expected bool, got str"),
+        # ranges and lengths
+        ({"motd": "x" * 4097}, "settings.motd", "expected str of length <= 4096"),
+        ({"updates": {"seed": -1}}, "settings.updates.seed", "expected int >= 0"),
+        ({"updates": {"seed": 2048}}, "settings.updates.seed", "expected int <= 2047"),
+        ({"api": {"remote": {"port": 0}}}, "settings.api.remote.port", "expected int >= 1"),
+        ({"api": {"remote": {"port": 65536}}}, "settings.api.remote.port", "expected int <= 65535"),
+        # unknown keys, at every depth
+        ({"bogus": 1}, "settings.bogus", "unknown setting"),
+        ({"network": {"hostnam": "x"}}, "settings.network.hostnam", "unknown setting"),
+        ({"api": {"remote": {"listen": "0.0.0.0"}}}, "settings.api.remote.listen", "unknown setting"),
+        ({"host-containers": {"admin": {"bogus": 1}}}, "settings.host-containers.admin.bogus", "unknown setting"),
+        # enums
+        ({"kernel": {"lockdown": "paranoid"}}, "settings.kernel.lockdown", "invalid enum value 'paranoid'"),
+        ({"bootstrap-containers": {"b": {"mode": "twice"}}}, "settings.bootstrap-containers.b.mode",
+         "invalid enum value 'twice'"),
+        # lists: the index of the bad element
+        ({"ntp": {"time-servers": "pool.ntp.org"}}, "settings.ntp.time-servers", "expected array, got str"),
+        ({"ntp": {"time-servers": ["a", 3]}}, "settings.ntp.time-servers[1]", "expected str, got int"),
+        ({"ntp": {"time-servers": ["a", "b", ""]}}, "settings.ntp.time-servers[2]", "expected str of length >= 1"),
+        ({"ntp": {"time-servers": ["a"] * 33}}, "settings.ntp.time-servers", "expected array of length <= 32"),
+    ],
+)
+def test_errors_name_the_key(tree: dict[str, Any], path: str, detail: str) -> None:
+    e = rejected(tree)
+    assert (e.path, e.detail) == (path, detail)
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    ["bad_host", "-lead", "trail-", "a..b", ".a", "a.", "", "a" * 64, ".".join(["a" * 63] * 4), "hé", "a b"],
+)
+def test_bad_hostnames(hostname: str) -> None:
+    e = rejected({"network": {"hostname": hostname}})
+    assert e.path == "settings.network.hostname"
+    assert e.detail == "expected a hostname (letters, digits, '-' and '.')"
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "updates.example.com", "https://", "https://a b", "http:/x", "https://x/" + "a" * 2048]
+)
+@pytest.mark.parametrize("key", ["metadata-base-url", "targets-base-url"])
+def test_bad_urls(key: str, url: str) -> None:
+    e = rejected({"updates": {key: url}})
+    assert e.path == f"settings.updates.{key}"
+    assert e.detail.startswith("expected ")
+    if len(url) <= 2048:
+        assert e.detail == "expected an http:// or https:// URL"
+
+
+@pytest.mark.parametrize("lock", ["1.2", "v1", "newest", "1.2.3-rc1", ""])
+def test_bad_version_locks(lock: str) -> None:
+    e = rejected({"updates": {"version-lock": lock}})
+    assert e.path == "settings.updates.version-lock"
+
+
+def test_bad_pem() -> None:
+    e = rejected({"api": {"remote": {"ca": "not a certificate"}}})
+    assert (e.path, e.detail) == ("settings.api.remote.ca", "expected a PEM block")
+
+
+def test_map_values_are_located_by_their_key() -> None:
+    e = rejected({"kernel": {"sysctl": {"net.ipv4.ip_forward": 1}}})
+    assert (e.path, e.detail) == ('settings.kernel.sysctl."net.ipv4.ip_forward"', "expected str, got int")
+    # the bad one among good ones, wherever it sits in the map
+    sysctl = {f"k{i}.x": "1" for i in range(10)}
+    sysctl["k7.x"] = 7  # type: ignore[assignment]
+    e = rejected({"kernel": {"sysctl": sysctl}})
+    assert e.path == 'settings.kernel.sysctl."k7.x"'
+    e = rejected({"host-containers": {"admin": {"enabled": True}, "control": {"enabled": 1}}})
+    assert (e.path, e.detail) == ("settings.host-containers.control.enabled", "expected bool, got int")
+
+
+@pytest.mark.parametrize(
+    ("tree", "path", "what"),
+    [
+        ({"kernel": {"sysctl": {"ok.key": "1", "Bad Key": "1"}}}, 'settings.kernel.sysctl."Bad Key"', "regex"),
+        ({"kernel": {"sysctl": {".lead": "1"}}}, 'settings.kernel.sysctl.".lead"', "regex"),
+        ({"host-containers": {"admin": {}, "Admin": {}}}, "settings.host-containers.Admin",
+         "expected a name of lowercase letters, digits and '-' (at most 63)"),
+        ({"bootstrap-containers": {"a" * 64: {}}}, "settings.bootstrap-containers." + "a" * 64, "a name of"),
+    ],
+)
+def test_bad_map_keys_are_named(tree: dict[str, Any], path: str, what: str) -> None:
+    e = rejected(tree)
+    assert e.path == path
+    assert e.detail.startswith("invalid name: expected ")
+    assert what in e.detail
+
+
+@pytest.mark.parametrize(
+    ("tree", "path"),
+    [
+        ({"network": {"hostname": None}}, "settings.network.hostname"),
+        ({"motd": None}, "settings.motd"),
+        ({"api": {"remote": None}}, "settings.api.remote"),
+        ({"kernel": {"sysctl": {"a.b": None}}}, 'settings.kernel.sysctl."a.b"'),
+    ],
+)
+def test_null_is_not_a_value(tree: dict[str, Any], path: str) -> None:
+    # JSON null would be stored as a value and rendered as "None" (/etc/hostname!)
+    e = rejected(tree)
+    assert e.path == path
+    assert "null" in e.detail
+
+
+@pytest.mark.parametrize("tree", [[], "motd", 1, None])
+def test_the_root_must_be_a_table(tree: Any) -> None:
+    e = rejected(tree)
+    assert e.path == "settings"
+    assert e.detail.startswith("expected a table of settings")
