@@ -118,7 +118,8 @@ class VmConfig:
             else f"if=virtio,format={fmt},file={disk}",
             "-nic", net,
             "-device", "virtio-rng-pci",
-            *(["-drive", f"if=virtio,format=raw,readonly=on,file={self.workdir / CONFIG_DRIVE}"] if self.user_data else []),
+            *(["-drive", f"if=virtio,format=raw,readonly=on,file={self.workdir / CONFIG_DRIVE}"]
+              if self.user_data else []),
             *self.extra_args,
         ]
 

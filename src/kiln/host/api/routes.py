@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
-from kiln.host.render.apply import apply, os_release
+from kiln.host.osinfo import os_release
+from kiln.host.render.apply import apply
 from kiln.host.render.templates import Templates
 from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
 from kiln.host.settings.model import SECRET_KEYS, InvalidSettings, validate

@@ -1,8 +1,9 @@
-"""settings-applier: commit the launch transaction and render every configuration file.
+"""settings-applier: commit the launch transaction, render every file, restart what reads them.
 
-Runs before the services that read those files start, so nothing needs a restart here;
-the one exception is a setting that changes the kernel directly (the hostname), whose
-restart command is cheap and safe at any time.
+The settings pipeline runs beside the rest of the boot rather than in front of it (a cold
+Python start under emulation would otherwise hold up every unit), so a service may already
+be running with its packaged configuration: the restart commands use try-restart (a unit
+not started yet is left to start with the rendered file) or apply the change directly.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ def main() -> int:
     store = Datastore()
     with contextlib.suppress(NothingPending):
         store.commit(LAUNCH_TX)
-    report = apply(store, None, restart=False)
-    from kiln.host.boot import hostname
-
-    hostname.main()
+    report = apply(store, None)
     for problem in report.errors:
         say(f"kiln: {problem}")
     return 1 if report.errors else 0

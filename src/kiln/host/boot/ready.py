@@ -10,20 +10,12 @@ import sys
 from pathlib import Path
 
 from kiln.core.errors import KilnError
+from kiln.host.osinfo import os_release
 from kiln.host.slot import Slots, booted_slot
 
 
-def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line:
-            k, v = line.split("=", 1)
-            out[k] = v.strip('"')
-    return out
-
-
 def ready_line(osr: dict[str, str], slot: str) -> str:
-    return f"kiln: ready version={osr.get('VERSION_ID', '?')} variant={osr.get('VARIANT_ID', '?')} slot={slot}"
+    return f"kiln: ready version={osr.get('version_id', '?')} variant={osr.get('variant_id', '?')} slot={slot}"
 
 
 def status_line() -> str:

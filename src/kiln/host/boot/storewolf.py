@@ -47,7 +47,7 @@ def run(store_root: Path, defaults_path: Path, version: str) -> Datastore:
 
 
 def main() -> int:
-    from kiln.host.render.apply import os_release
+    from kiln.host.osinfo import os_release
 
     run(Path("/var/lib/kiln/datastore"), DEFAULTS, os_release().get("version_id", "0"))
     return 0

@@ -9,7 +9,6 @@ a failure is reported and does not stop the other services.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shlex
@@ -21,6 +20,7 @@ from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_write
 from kiln.core.run import run
 from kiln.host.datastore import Datastore
+from kiln.host.osinfo import os_release
 from kiln.host.render.templates import TemplateError, Templates
 from kiln.host.settings.keys import get_path
 
@@ -38,17 +38,6 @@ class ApplyReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
-    """os-release as a dict with lower-case keys (`version_id`, `variant_id`, …)."""
-    out: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text().splitlines():
-            k, sep, v = line.partition("=")
-            if sep and k.strip() and not k.startswith("#"):
-                out[k.strip().lower()] = shlex.split(v)[0] if v.strip() else ""
-    return out
 
 
 def apply(
