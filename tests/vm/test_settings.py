@@ -1,0 +1,108 @@
+"""VM: a host configured by first-boot user data, reconfigured live over the mTLS API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kiln import pki
+from kiln.vm.qemu import Forward, Vm, free_port
+from tests.conftest import Images
+from tests.ntp_server import sntp_server
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+def kiln(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_user_data_configures_host_then_remote_api_changes_it_live(
+    images: Images, boot: Callable[..., Vm], tmp_path: Path
+) -> None:
+    build = images.get(debug_console=True)
+    fleet = tmp_path / "pki"
+    pki.init(fleet)
+    pki.issue_client(fleet, "auditor", "reader")
+    user_data = tmp_path / "user-data.toml"
+    user_data.write_text(pki.user_data(fleet) + """
+[settings]
+motd = "Configured by user data"
+[settings.network]
+hostname = "kiln-vm-1"
+[settings.ntp]
+time-servers = ["10.0.2.2"]
+[settings.kernel.sysctl]
+"vm.swappiness" = "17"
+""")
+    port = free_port()
+    with sntp_server() as ntp_clients:
+        vm = boot(build.disk, user_data=user_data, forwards=(Forward(port, 50000),))
+        vm.wait_for(r"kiln: user data applied from config drive", 240)
+        vm.wait_ready(240)
+        vm.wait_shell()
+
+        # Rendered from user data, and the running system uses it.
+        assert vm.check("cat /etc/motd").strip() == "Configured by user data"
+        assert vm.check("cat /proc/sys/kernel/hostname").strip() == "kiln-vm-1"
+        assert "NTP=10.0.2.2" in vm.check("cat /etc/systemd/timesyncd.conf.d/80-kiln.conf")
+        assert vm.check("cat /proc/sys/vm/swappiness").strip() == "17"
+        assert vm.check("stat -c '%a %G' /run/kiln/api.sock").strip() == "660 api"
+        # timesyncd really talks to the server from the settings (10.0.2.2 is this host).
+        status = ""
+        for _ in range(30):
+            status = vm.check("systemctl show -p StatusText --value systemd-timesyncd")
+            if "synchronization to time server 10.0.2.2" in status:
+                break
+            vm.check("sleep 2")
+        assert "10.0.2.2" in status and ntp_clients, f"timesyncd did not sync: {status!r}"
+
+    # From the workstation, over mutual TLS: read, then change the hostname live.
+    remote = ["--endpoint", f"127.0.0.1:{port}", "--pki", str(fleet)]
+    got = kiln(*remote, "settings", "get", "settings.network.hostname", "--json")
+    assert got.returncode == 0, got.stderr
+    assert '"kiln-vm-1"' in got.stdout
+    changed = kiln(*remote, "settings", "set", "network.hostname=renamed-node", 'kernel.sysctl."vm.swappiness"=23')
+    assert changed.returncode == 0, changed.stderr
+    assert "settings.network.hostname" in changed.stdout
+    assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
+    assert vm.check("cat /proc/sys/vm/swappiness").strip() == "23"
+    assert "127.0.1.1 renamed-node" in vm.check("cat /etc/hosts")
+
+    # A reader may look but not touch; the node's key stays hidden from it.
+    reader = [*remote, "--client", "auditor"]
+    seen = kiln(*reader, "settings", "get", "--json")
+    assert seen.returncode == 0 and "<redacted>" in seen.stdout and "PRIVATE KEY" not in seen.stdout
+    refused = kiln(*reader, "settings", "set", "motd=nope")
+    assert refused.returncode == 1 and "403" in refused.stderr
+    assert vm.check("cat /etc/motd").strip() == "Configured by user data"
+
+    # Settings survive a reboot; user data is not applied a second time.
+    since = vm.mark()
+    vm.send("reboot\n")
+    vm.wait_ready(300)
+    vm.wait_shell()
+    assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
+    assert "user data applied" not in vm.output[since:]
+
+
+def test_invalid_user_data_boots_on_defaults_and_says_so(
+    images: Images, boot: Callable[..., Vm], tmp_path: Path
+) -> None:
+    build = images.get(debug_console=True)
+    user_data = tmp_path / "user-data.toml"
+    user_data.write_text('[settings]\nmotd = "never shown"\n[settings.network]\nhostname = 5\n')
+    vm = boot(build.disk, user_data=user_data)
+    rejected = vm.wait_for(r"kiln: user data rejected: (.*)\n", 240).group(1)
+    assert "settings.network.hostname: expected str, got int" in rejected
+    assert "booting without it" in rejected
+    vm.wait_ready(240)
+    vm.wait_shell()
+    assert vm.check("cat /etc/motd").strip() == "Welcome to Kiln!"
+    assert vm.check("cat /proc/sys/kernel/hostname").strip().startswith("kiln-")
+    assert vm.check("kiln settings get motd").strip() == 'settings.motd = "Welcome to Kiln!"'
