@@ -353,6 +353,8 @@ def test_get_settings_keys_settings_alone_is_everything(call: Caller) -> None:
         ("kernel.sysctl", {"kernel"}),
         ("settings.", {"kernel", "motd", "ntp", "updates"}),
         ("settings.nothing", set()),
+        ("settingsmotd", set()),  # only a whole leading `settings` segment is dropped
+        ("settings", {"kernel", "motd", "ntp", "updates"}),
     ],
 )
 def test_get_settings_by_prefix(call: Caller, prefix: str, expected: set[str]) -> None:
@@ -360,6 +362,12 @@ def test_get_settings_by_prefix(call: Caller, prefix: str, expected: set[str]) -
     assert set(got) == expected
     if prefix == "kernel.sysctl":
         assert got == {"kernel": {"sysctl": {"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.ip_forward": "1"}}}
+
+
+def test_keys_split_on_commas_outside_quotes_only(call: Caller) -> None:
+    # Split anywhere inside the quotes, these would be malformed keys (400).
+    got = call.ok("GET", "/settings?keys=" + urllib.parse.quote('kernel.sysctl."a\\"b,c",kernel.sysctl."d,e",motd'))
+    assert got == {"motd": "Welcome to Kiln!"}
 
 
 def test_keys_win_over_prefix(call: Caller) -> None:
@@ -558,12 +566,23 @@ def test_apply_everything_and_by_keys(call: Caller, host: ApiHost) -> None:
 
 def test_apply_while_another_runs_is_423(call: Caller, host: ApiHost) -> None:
     call.ok("PATCH", "/settings", {"motd": "waiting"})
-    with host.api.apply_lock:
-        call.refused("POST", "/tx/apply", status=423, detail="another apply is running")
-        # commit_and_apply is refused before it commits: the transaction is still pending.
-        call.refused("POST", "/tx/commit_and_apply", status=423)
+    host.api.apply_wait = 0.3  # an apply waits this long for the running one, then 423
+    try:
+        with host.api.apply_lock:
+            call.refused("POST", "/tx/apply", status=423, detail="another apply is running")
+            # commit_and_apply is refused before it commits: the transaction is still pending.
+            call.refused("POST", "/tx/commit_and_apply", status=423)
+    finally:
+        host.api.apply_wait = 10.0
     assert call.ok("GET", "/tx") == {"motd": "waiting"}
     assert not any(host.render_root.rglob("*"))
+    assert call.ok("POST", "/tx/commit_and_apply")["changed"] == ["settings.motd"]
+
+
+def test_apply_waits_for_the_running_one(call: Caller, host: ApiHost) -> None:
+    call.ok("PATCH", "/settings", {"motd": "queued"})
+    host.api.apply_lock.acquire()
+    threading.Timer(0.5, host.api.apply_lock.release).start()
     assert call.ok("POST", "/tx/commit_and_apply")["changed"] == ["settings.motd"]
 
 

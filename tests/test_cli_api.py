@@ -187,7 +187,7 @@ def test_tx_commands_human(kiln: Run, host: ApiHost) -> None:
     kiln("settings", "set", "--no-apply", "motd=one", "network.hostname=h1")
     kiln("settings", "set", "--no-apply", "--tx", "other", "motd=two")
     assert kiln("tx", "list") == (0, "default\nother\n", "")
-    assert kiln("tx", "show") == (0, 'motd = "one"\nnetwork.hostname = "h1"\n', "")
+    assert kiln("tx", "show") == (0, 'settings.motd = "one"\nsettings.network.hostname = "h1"\n', "")
     assert kiln("tx", "commit") == (0, "settings.motd\nsettings.network.hostname\n", "")
     code, out, err = kiln("tx", "commit")
     assert code == 1 and "API refused (409)" in err and "nothing pending" in err

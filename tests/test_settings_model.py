@@ -146,8 +146,8 @@ def test_map_values_are_located_by_their_key() -> None:
 @pytest.mark.parametrize(
     ("tree", "path", "what"),
     [
-        ({"kernel": {"sysctl": {"ok.key": "1", "Bad Key": "1"}}}, 'settings.kernel.sysctl."Bad Key"', "regex"),
-        ({"kernel": {"sysctl": {".lead": "1"}}}, 'settings.kernel.sysctl.".lead"', "regex"),
+        ({"kernel": {"sysctl": {"ok.key": "1", "Bad Key": "1"}}}, 'settings.kernel.sysctl."Bad Key"', "a sysctl name"),
+        ({"kernel": {"sysctl": {".lead": "1"}}}, 'settings.kernel.sysctl.".lead"', "a sysctl name"),
         ({"host-containers": {"admin": {}, "Admin": {}}}, "settings.host-containers.Admin",
          "expected a name of lowercase letters, digits and '-' (at most 63)"),
         ({"bootstrap-containers": {"a" * 64: {}}}, "settings.bootstrap-containers." + "a" * 64, "a name of"),

@@ -6,10 +6,12 @@ with the Debian package that provides it, and for surfacing a failed command's s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,7 +79,8 @@ def run(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command; raise CommandError (with its stderr) when it fails and `check` is set.
 
-    A command still running after `timeout` seconds is killed and reported as failed.
+    A command still running after `timeout` seconds is killed, with everything it started
+    (it runs in its own session), and reported as failed.
     """
     args = [str(a) for a in argv]
     args[0] = which(args[0]) if "/" not in args[0] else args[0]
@@ -87,20 +90,25 @@ def run(
         full_env.update(env)
     log.debug("run: %s", shlex.join(args))
     try:
-        proc = subprocess.run(
+        with subprocess.Popen(
             args,
             cwd=cwd,
             env=full_env,
-            input=input,
+            stdin=subprocess.PIPE if input is not None else None,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None,
-            check=False,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise CommandError(
-            args, -9, f"timed out after {timeout:g} s\n" + (e.stderr or b"").decode(errors="replace")
-        ) from None
+            start_new_session=timeout is not None,
+        ) as popen:
+            try:
+                out, err = popen.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                out, err = popen.communicate()
+                raise CommandError(
+                    args, -9, f"timed out after {timeout:g} s\n" + (err or b"").decode(errors="replace")
+                ) from None
+        proc = subprocess.CompletedProcess(args, popen.returncode, out, err)
     except (FileNotFoundError, PermissionError) as e:
         raise CommandError(args, 127, str(e)) from None
     if check and proc.returncode != 0:

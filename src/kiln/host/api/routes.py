@@ -102,6 +102,7 @@ class Api:
         os_release_path: Path = Path("/etc/os-release"),
         reboot: Callable[[], None] | None = None,
         restart: bool = True,
+        apply_wait: float = 10.0,
     ) -> None:
         self.store = store
         self.templates = templates or Templates()
@@ -110,6 +111,7 @@ class Api:
         self.reboot = reboot
         self.restart = restart  # off in tests that render the real variant's files
         self.apply_lock = threading.Lock()
+        self.apply_wait = apply_wait  # seconds an apply waits for the one running before 423
 
     def handle(self, req: Request) -> Response:
         """Dispatch one request; never raises (a bug becomes a logged 500, not a dead server)."""
@@ -167,11 +169,15 @@ def _split_keys(raw: str) -> list[str]:
     """Split on commas outside quotes (a quoted segment may contain one)."""
     out: list[str] = []
     buf: list[str] = []
-    quoted = False
+    quoted = escaped = False
     for c in raw:
-        if c == '"':
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
             quoted = not quoted
-        if c == "," and not quoted:
+        if c == "," and not quoted and not escaped:
             out.append("".join(buf))
             buf = []
         else:
@@ -191,7 +197,7 @@ def _filter(tree: Tree, req: Request) -> Tree:
     prefix = req.arg("prefix")
     if prefix:
         # A string prefix on the dotted key, as Bottlerocket does: ?prefix=settings.net → network.
-        p = prefix.removeprefix("settings").removeprefix(".")
+        p = "" if prefix == "settings" else prefix.removeprefix("settings.")
         return unflatten((path, v) for path, v in flatten(tree) if format_key(path).startswith(p))
     return tree
 
@@ -288,7 +294,8 @@ def commit(api: Api, req: Request) -> Response:
 
 @contextlib.contextmanager
 def _applying(api: Api) -> Iterator[None]:
-    if not api.apply_lock.acquire(blocking=False):
+    # Wait briefly: concurrent writers queue up instead of spinning on 423.
+    if not api.apply_lock.acquire(timeout=api.apply_wait):
         raise ApiError(423, "another apply is running; retry when it finishes")
     try:
         yield

@@ -40,8 +40,9 @@ CLIENT_TIMEOUT = 30.0
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "kiln-api"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return "kiln-api"
     timeout = CLIENT_TIMEOUT
     server: _ServerMixin  # type: ignore[assignment]
 

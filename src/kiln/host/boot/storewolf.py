@@ -37,6 +37,7 @@ def missing_defaults(defaults: dict[str, Any], live: dict[str, Any]) -> dict[str
 
 def run(store_root: Path, defaults_path: Path, version: str) -> Datastore:
     store = Datastore.create(store_root, version)
+    store.remove_stale_temporaries()
     store.discard_all()
     doc = json.loads(defaults_path.read_text())
     store.set_definitions(definitions.from_defaults(doc))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 from typing import Any
 
+from kiln.core import run as gateway
+from kiln.core.errors import KilnError
 from kiln.host.boot.console import say
 from kiln.host.datastore import LAUNCH_TX, Datastore
 from kiln.host.settings.keys import get_path, merge, parse_key, set_path
@@ -31,7 +32,7 @@ def _populated(tree: dict[str, Any], path: tuple[str, ...]) -> bool:
 
 def generate(command: str, timeout: float = TIMEOUT) -> Any:
     """Run one generator; its JSON value, or None when it says skip (exit 2). Raises on failure."""
-    proc = subprocess.run(shlex.split(command), capture_output=True, timeout=timeout, check=False)
+    proc = gateway.run(shlex.split(command), timeout=timeout, check=False)
     if proc.returncode == 2:
         return None
     if proc.returncode != 0:
@@ -56,7 +57,7 @@ def run(store: Datastore, timeout: float = TIMEOUT) -> dict[str, str]:
             set_path(patch, path, value)
             store.patch(patch, LAUNCH_TX)
             report[key] = "generated"
-        except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired, InvalidSettings) as e:
+        except (ValueError, RuntimeError, KilnError, InvalidSettings) as e:
             report[key] = f"failed: {e}"
             say(f"kiln: setting generator for {key} failed: {e}")
     return report

@@ -126,7 +126,8 @@ def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
     last = ""
     for attempt in range(1000):
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
+            remaining = max(0.5, min(10.0, end - time.monotonic()))
+            with urllib.request.urlopen(url, timeout=remaining) as resp:
                 return Found(url, resp.read(MAX_SIZE + 1))
         except urllib.error.HTTPError as e:
             if e.code == 404:
@@ -136,7 +137,7 @@ def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
             last = str(getattr(e, "reason", e))
         if time.monotonic() > end:
             break
-        time.sleep(min(0.25 * 2**attempt, 2.0))
+        time.sleep(max(0.0, min(0.25 * 2**attempt, 2.0, end - time.monotonic())))
     raise Rejected(f"{url}: unreachable for {deadline:g} s ({last})")
 
 

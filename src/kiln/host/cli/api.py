@@ -107,7 +107,8 @@ def cmd_tx(args: argparse.Namespace) -> int:
     c = _client(args)
     q = _q(tx=args.tx)
     if args.tx_command == "show":
-        _show(c.request("GET", "/tx" + q), args)
+        pending = c.request("GET", "/tx" + q)
+        _show({"settings": pending} if not args.json else pending, args)
     elif args.tx_command == "list":
         _show(c.request("GET", "/tx/list"), args)
     elif args.tx_command == "commit":

@@ -165,6 +165,14 @@ class Datastore:
             fsync_dir(path.parent)
             return True
 
+    def remove_stale_temporaries(self) -> int:
+        """Delete temp files a writer killed mid-write left behind (storewolf, at boot)."""
+        with self._writing():
+            stale = [p for d in ("live", "pending") for p in (self.version_dir / d).glob(".*.json.*")]
+            for p in stale:
+                p.unlink(missing_ok=True)
+            return len(stale)
+
     def discard_all(self) -> list[str]:
         """Drop every pending transaction (storewolf does this at boot: they do not outlive one)."""
         return [tx for tx in self.transactions() if self.discard(tx)]

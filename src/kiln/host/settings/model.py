@@ -24,6 +24,7 @@ Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$
 Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
+SysctlName = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$", max_length=256)]
 Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
 
 
@@ -40,7 +41,7 @@ class Ntp(_S):
 
 
 class Kernel(_S):
-    sysctl: dict[Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$")], str] | None = None
+    sysctl: dict[SysctlName, str] | None = None
     lockdown: Literal["none", "integrity", "confidentiality"] | None = None
 
 
@@ -109,6 +110,7 @@ _PATTERNS = {
     Url: "an http:// or https:// URL",
     Name: "a name of lowercase letters, digits and '-' (at most 63)",
     Pem: "a PEM block",
+    SysctlName: "a sysctl name (lowercase letters, digits, '_', '-', '.', '/')",
 }
 
 
