@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -17,9 +18,11 @@ import pytest
 
 from kiln.build import settings as build_settings
 from kiln.core.errors import KilnError
+from kiln.host.boot import applier
 from kiln.host.datastore import Datastore
 from kiln.host.render import apply as apply_mod
 from kiln.host.render.apply import apply
+from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import FrontMatter, TemplateError, Templates, compile_all, split
 from kiln.host.settings import definitions
 from kiln.variant import load_variant
@@ -398,3 +401,60 @@ def test_install_errors_name_a_broken_template(tmp_path: Path) -> None:
     assert str(tmp_path / "extra-templates/motd") in str(e.value)
     with pytest.raises(KilnError, match=r"template 'motd' line \d+"):
         install_with(tmp_path, templates={"motd": "+++\n{{ settings.motd \n"})
+
+
+# -- the render cache (kiln.host.render.cache) ------------------------------------------------
+
+
+def _cached_host(tmp_path: Path) -> tuple[Datastore, Templates, Path, RenderCache]:
+    store = real_store(tmp_path)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/os-release").write_text('VERSION_ID=1.0.0\nBUILD_ID="abc"\n')
+    return store, Templates(REAL_TEMPLATES, compiled=None), root, RenderCache(tmp_path / "rendered")
+
+
+def test_full_apply_fills_the_cache_and_boot_skips_when_current(tmp_path: Path) -> None:
+    store, templates, root, cache = _cached_host(tmp_path)
+    report = apply(store, None, templates=templates, root=root, restart=False, cache=cache)
+    assert not report.errors
+    for path in report.written:
+        assert (cache.root / path.lstrip("/")).read_bytes() == (root / path.lstrip("/")).read_bytes()
+    assert set(cache.manifest()["files"]) >= set(report.written)
+    # The next boot: same settings, same image, files in place → nothing to do.
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is None
+    # A file that is not in place (say the initramfs could not restore it) → full render.
+    (root / "etc/motd").unlink()
+    again = applier.run(store, root=root, cache=cache, templates=templates, restart=False)
+    assert again is not None and "/etc/motd" in again.written
+
+
+def test_cache_follows_partial_applies_and_changes_of_image(tmp_path: Path) -> None:
+    store, templates, root, cache = _cached_host(tmp_path)
+    apply(store, None, templates=templates, root=root, restart=False, cache=cache)
+    store.patch({"motd": "changed"})
+    changed = store.commit()
+    apply(store, changed, templates=templates, root=root, restart=False, cache=cache)
+    assert (cache.root / "etc/motd").read_text() == "changed\n"
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is None
+    # A new image (another BUILD_ID in os-release) re-renders everything.
+    (root / "etc/os-release").write_text('VERSION_ID=1.1.0\nBUILD_ID="def"\n')
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is not None
+
+
+def test_partial_apply_without_a_full_one_starts_no_cache(tmp_path: Path) -> None:
+    store, templates, root, cache = _cached_host(tmp_path)
+    store.patch({"motd": "only this"})
+    apply(store, store.commit(), templates=templates, root=root, restart=False, cache=cache)
+    assert cache.manifest() == {}
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is not None  # renders all
+
+
+def test_failed_render_invalidates_the_cache(tmp_path: Path) -> None:
+    store, templates, root, cache = _cached_host(tmp_path)
+    apply(store, None, templates=templates, root=root, restart=False, cache=cache)
+    broken = tmp_path / "broken"
+    shutil.copytree(REAL_TEMPLATES, broken)
+    (broken / "motd").write_text("+++\n{{ settings.no_such_thing }}\n")
+    report = apply(store, None, templates=Templates(broken, compiled=None), root=root, restart=False, cache=cache)
+    assert report.errors and cache.manifest() == {}

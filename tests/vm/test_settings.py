@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -88,7 +89,12 @@ time-servers = ["10.0.2.2"]
     vm.wait_ready(300)
     vm.wait_shell()
     assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
+    assert vm.check("cat /proc/sys/vm/swappiness").strip() == "23"
     assert "user data applied" not in vm.output[since:]
+    # Nothing changed since the last apply: the initramfs restored the rendered files and the
+    # pipeline rendered and restarted nothing.
+    timings = json.loads(vm.check("cat /run/kiln/boot-settings.json"))
+    assert timings["apply"] == "current: files restored by the initramfs"
 
 
 def test_invalid_user_data_boots_on_defaults_and_says_so(

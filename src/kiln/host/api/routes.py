@@ -21,6 +21,7 @@ from typing import Any
 from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
 from kiln.host.render.apply import apply
+from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
 from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
 from kiln.host.settings.model import SECRET_KEYS, InvalidSettings, validate
@@ -103,6 +104,7 @@ class Api:
         reboot: Callable[[], None] | None = None,
         restart: bool = True,
         apply_wait: float = 10.0,
+        cache: RenderCache | None = None,
     ) -> None:
         self.store = store
         self.templates = templates or Templates()
@@ -111,6 +113,7 @@ class Api:
         self.reboot = reboot
         self.restart = restart  # off in tests that render the real variant's files
         self.apply_lock = threading.Lock()
+        self.cache = cache  # the host's render cache (kiln.host.render.cache); None in tests
         self.apply_wait = apply_wait  # seconds an apply waits for the one running before 423
 
     def handle(self, req: Request) -> Response:
@@ -304,7 +307,9 @@ def _applying(api: Api) -> Iterator[None]:
 
 
 def _apply(api: Api, keys: list[tuple[str, ...]] | None) -> dict[str, Any]:
-    return apply(api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart).to_json()
+    return apply(
+        api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart, cache=api.cache
+    ).to_json()
 
 
 @route("POST", "/tx/apply")

@@ -232,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     store = Datastore(args.datastore) if args.datastore else Datastore()
-    api = Api(store, reboot=_reboot)
+    from kiln.host.render.cache import RenderCache
+
+    api = Api(store, reboot=_reboot, cache=RenderCache())
     server: socketserver.BaseServer
     if args.remote:
         cfg = remote_config(args.remote_config)

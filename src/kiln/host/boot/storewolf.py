@@ -8,12 +8,13 @@ transaction. Live values are never overwritten: what a user set stays set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from kiln.core.fs import atomic_write
 from kiln.host.datastore import LAUNCH_TX, Datastore
-from kiln.host.settings import definitions
 from kiln.host.settings.keys import flatten, get_path, unflatten
 
 DEFAULTS = Path("/usr/share/kiln/defaults.json")
@@ -39,8 +40,16 @@ def run(store_root: Path, defaults_path: Path, version: str) -> Datastore:
     store = Datastore.create(store_root, version)
     store.remove_stale_temporaries()
     store.discard_all()
-    doc = json.loads(defaults_path.read_text())
-    store.set_definitions(definitions.from_defaults(doc))
+    raw = defaults_path.read_bytes()
+    doc = json.loads(raw)
+    # Definitions change only with the image: skip the model (msgspec) when they are current.
+    marker = store.version_dir / "live" / "definitions.source"
+    digest = hashlib.sha256(raw).hexdigest()
+    if not marker.exists() or marker.read_text() != digest:
+        from kiln.host.settings import definitions
+
+        store.set_definitions(definitions.from_defaults(doc))
+        atomic_write(marker, digest.encode(), mode=0o640)
     missing = missing_defaults(doc.get("settings", {}), store.live())
     if missing:
         store.patch(missing, LAUNCH_TX)

@@ -12,12 +12,10 @@ import json
 import shlex
 from typing import Any
 
-from kiln.core import run as gateway
 from kiln.core.errors import KilnError
 from kiln.host.boot.console import say
 from kiln.host.datastore import LAUNCH_TX, Datastore
 from kiln.host.settings.keys import get_path, merge, parse_key, set_path
-from kiln.host.settings.model import InvalidSettings
 
 TIMEOUT = 60.0
 
@@ -32,6 +30,8 @@ def _populated(tree: dict[str, Any], path: tuple[str, ...]) -> bool:
 
 def generate(command: str, timeout: float = TIMEOUT) -> Any:
     """Run one generator; its JSON value, or None when it says skip (exit 2). Raises on failure."""
+    from kiln.core import run as gateway
+
     proc = gateway.run(shlex.split(command), timeout=timeout, check=False)
     if proc.returncode == 2:
         return None
@@ -43,7 +43,8 @@ def generate(command: str, timeout: float = TIMEOUT) -> Any:
 def run(store: Datastore, timeout: float = TIMEOUT) -> dict[str, str]:
     report: dict[str, str] = {}
     current = merge(store.live(), store.pending(LAUNCH_TX))
-    for key, command in sorted(store.definitions().setting_generators.items()):
+    generators: dict[str, str] = store.raw_definitions().get("setting-generators", {})
+    for key, command in sorted(generators.items()):
         path = parse_key(key)[1:]  # drop the leading `settings`
         if _populated(current, path):
             report[key] = "populated"
@@ -57,7 +58,7 @@ def run(store: Datastore, timeout: float = TIMEOUT) -> dict[str, str]:
             set_path(patch, path, value)
             store.patch(patch, LAUNCH_TX)
             report[key] = "generated"
-        except (ValueError, RuntimeError, KilnError, InvalidSettings) as e:
+        except (ValueError, RuntimeError, KilnError) as e:  # ValueError covers InvalidSettings
             report[key] = f"failed: {e}"
             say(f"kiln: setting generator for {key} failed: {e}")
     return report

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import time
 import tomllib
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +120,9 @@ def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
 
     404 means "no user data"; anything else that is not 200 after the deadline is an error.
     """
+    import urllib.error
+    import urllib.request
+
     end = time.monotonic() + deadline
     last = ""
     for attempt in range(1000):
@@ -174,33 +175,44 @@ def collect(providers: list[Provider], store: Datastore) -> dict[str, str]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
+def run_phase(phase: str, store: Datastore) -> dict[str, str] | None:
+    """Run one phase's providers on first boot (None when it already ran on an earlier boot).
 
-    phase = (argv if argv is not None else sys.argv[1:] or ["early"])[0]
+    `early` only fills the launch transaction (the pipeline commits it); `network` comes
+    after that commit, so it commits and applies what it brought itself.
+    """
     marker = STATE / f"{phase}.json"
-    if marker.exists():  # first boot only
-        return 0
-    store = Datastore()
+    if marker.exists():
+        return None
     if phase == "early":
         report = collect(early_providers(), store)
     elif phase == "network":
         report = collect(network_providers(), store)
         if any(v.startswith("applied") for v in report.values()):
             from kiln.host.render.apply import apply
+            from kiln.host.render.cache import RenderCache
 
-            changed = store.commit(LAUNCH_TX)
-            result = apply(store, changed)
+            result = apply(store, store.commit(LAUNCH_TX), cache=RenderCache())
             for problem in result.errors:
                 say(f"kiln: {problem}")
     else:
-        print(f"unknown phase '{phase}' (early or network)", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown user data phase '{phase}' (early or network)")
     STATE.mkdir(parents=True, exist_ok=True)
     from kiln.core.fs import atomic_write
 
     atomic_write(marker, json.dumps(report, indent=1).encode() + b"\n")
-    os.sync()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    phase = (argv if argv is not None else sys.argv[1:] or ["early"])[0]
+    try:
+        run_phase(phase, Datastore())
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,14 +24,16 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import msgspec
+from typing import TYPE_CHECKING, Any
 
 from kiln.core.fs import atomic_write, fsync_dir
-from kiln.host.settings import definitions as defs
 from kiln.host.settings.keys import Tree, changed_keys, merge
-from kiln.host.settings.model import validate
+
+if TYPE_CHECKING:
+    from kiln.host.settings import definitions as defs
+
+# The model (msgspec) is imported by the methods that validate: a boot where nothing changed
+# never needs it, and under emulation the import costs seconds while the boot is busy.
 
 DEFAULT_ROOT = Path("/var/lib/kiln/datastore")
 DEFAULT_TX = "default"
@@ -92,7 +94,7 @@ class Datastore:
     def version_dir(self) -> Path:
         cur = self.root / "current"
         if not cur.is_dir():
-            raise DatastoreError(f"no datastore at {self.root} (kiln-storewolf creates it at boot)")
+            raise DatastoreError(f"no datastore at {self.root} (kiln-settings.service creates it at boot)")
         return cur
 
     @contextlib.contextmanager
@@ -136,8 +138,16 @@ class Datastore:
     def transactions(self) -> list[str]:
         return sorted(p.stem for p in (self.version_dir / "pending").glob("*.json"))
 
+    def raw_definitions(self) -> Tree:
+        """The definitions document as stored (no model import: for the boot's fast checks)."""
+        return self._read(self.version_dir / "live" / "definitions.json")
+
     def definitions(self) -> defs.Definitions:
-        raw = self._read(self.version_dir / "live" / "definitions.json")
+        import msgspec
+
+        from kiln.host.settings import definitions as defs
+
+        raw = self.raw_definitions()
         try:
             return msgspec.convert(raw, defs.Definitions, strict=True)
         except msgspec.ValidationError as e:
@@ -147,6 +157,8 @@ class Datastore:
 
     def patch(self, tree: Any, tx: str = DEFAULT_TX) -> None:
         """Add `tree` to transaction `tx`; the result (live + pending) must be valid settings."""
+        from kiln.host.settings.model import validate
+
         validate(tree)  # the patch alone: its own errors name its own keys
         with self._writing():
             pending = merge(self.pending(tx), tree)
@@ -183,6 +195,8 @@ class Datastore:
             path = self._pending_path(tx)
             if not path.exists():
                 raise NothingPending(f"transaction '{tx}' has nothing pending", "tx")
+            from kiln.host.settings.model import validate
+
             old = self.live()
             new = merge(old, self.pending(tx))
             validate(new)
@@ -193,5 +207,7 @@ class Datastore:
             return [("settings", *k) for k in changed_keys(old, new)]
 
     def set_definitions(self, value: defs.Definitions) -> None:
+        import msgspec
+
         with self._writing():
             self._write(self.version_dir / "live" / "definitions.json", msgspec.to_builtins(value))

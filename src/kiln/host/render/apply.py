@@ -21,6 +21,7 @@ from kiln.core.fs import atomic_write
 from kiln.core.run import run
 from kiln.host.datastore import Datastore
 from kiln.host.osinfo import os_release
+from kiln.host.render.cache import RenderCache, digest, file_hash, os_release_bytes
 from kiln.host.render.templates import TemplateError, Templates
 from kiln.host.settings.keys import get_path
 
@@ -47,36 +48,56 @@ def apply(
     templates: Templates | None = None,
     root: Path = Path("/"),
     restart: bool = True,
+    cache: RenderCache | None = None,
 ) -> ApplyReport:
-    """Render and restart for `keys` (None: everything). `root` relocates written files (tests)."""
+    """Render and restart for `keys` (None: everything). `root` relocates written files (tests).
+
+    With a `cache`, every file written or removed is mirrored there and the cache records
+    what the files now match (see kiln.host.render.cache); a failed render invalidates it.
+    """
     templates = templates or Templates()
     definitions = store.definitions()
     services = sorted(definitions.services) if keys is None else definitions.services_for(keys)
     report = ApplyReport(services=services)
-    context = {"settings": store.live(), "os": os_release(root / "etc/os-release")}
-    rendered: set[str] = set()
+    settings = store.live()
+    osr = os_release_bytes(root)
+    context = {"settings": settings, "os": os_release(root / "etc/os-release")}
+    rendered: dict[str, bytes | None] = {}  # configuration file name → content (None: removed)
+    if cache is not None and keys is None:
+        cache.forget()  # a crash during a full render must not leave a cache that looks current
     for name in definitions.files_for(services):
         cf = definitions.configuration_files[name]
         target = root / cf.path.lstrip("/")
         try:
             fm = templates.front_matter(cf.template_path)
-            if any(not _has(context["settings"], k) for k in fm.requires):
+            if any(not _has(settings, k) for k in fm.requires):
                 if target.exists():
                     target.unlink()
                     report.removed.append(cf.path)
-                rendered.add(name)
+                if cache is not None:
+                    cache.removed(cf.path)
+                rendered[name] = None
                 continue
-            text = templates.render(cf.template_path, context)
+            data = templates.render(cf.template_path, context).encode()
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, text.encode(), mode=fm.mode)
+            atomic_write(target, data, mode=fm.mode)
+            if cache is not None:
+                cache.wrote(cf.path, data, fm.mode)
             report.written.append(cf.path)
-            rendered.add(name)
+            rendered[name] = data
         except (TemplateError, OSError) as e:
             report.errors.append(f"configuration file '{name}' ({cf.path}): {e}")
+    if cache is not None:
+        previous = cache.manifest()
+        if report.errors or (keys is not None and not previous):
+            cache.forget()  # only a full render starts a cache; a failed one ends it
+        else:
+            files = {} if keys is None else dict(previous.get("files", {}))
+            files.update({definitions.configuration_files[n].path: file_hash(d) for n, d in rendered.items()})
+            cache.record(digest(settings, osr), files)
     if restart:
         for svc in services:
-            files = definitions.services[svc].configuration_files
-            if any(f not in rendered for f in files):
+            if any(f not in rendered for f in definitions.services[svc].configuration_files):
                 report.errors.append(f"service '{svc}': not restarted, a configuration file failed to render")
                 continue
             _restart(svc, definitions.services[svc].restart_commands, report)
