@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kiln import pki
+from kiln.image.gpt import read_gpt
 from kiln.vm.qemu import Forward, Vm, free_port
-from tests.conftest import Images
+from tests.conftest import Images, raw_copy
 from tests.ntp_server import sntp_server
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -112,3 +117,59 @@ def test_invalid_user_data_boots_on_defaults_and_says_so(
     assert vm.check("cat /etc/motd").strip() == "Welcome to Kiln!"
     assert vm.check("cat /proc/sys/kernel/hostname").strip().startswith("kiln-")
     assert vm.check("kiln settings get motd").strip() == 'settings.motd = "Welcome to Kiln!"'
+
+
+def _set_boot_cmdline(disk: Path, extra: str) -> None:
+    """Append `extra` to slot A's kernel command line (kiln.cfg on KILN-BOOT-A), with mtools."""
+    with open(disk, "rb") as f:
+        table = read_gpt(f, disk.stat().st_size)
+    boot = next(p for p in table.partitions if p.name == "KILN-BOOT-A")
+    image = f"{disk}@@{boot.offset}"
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    cfg = subprocess.run(["mtype", "-i", image, "::/kiln.cfg"], capture_output=True, text=True, check=True, env=env)
+    text = re.sub(r'set KILN_CMDLINE="([^"]*)"', lambda m: f'set KILN_CMDLINE="{m.group(1)} {extra}"', cfg.stdout)
+    new = disk.parent / "kiln.cfg"
+    new.write_text(text)
+    subprocess.run(["mcopy", "-o", "-i", image, str(new), "::/kiln.cfg"], check=True, env=env)
+
+
+def test_user_data_from_a_metadata_url_overrides_the_config_drive(
+    images: Images, boot: Callable[..., Vm], tmp_path: Path
+) -> None:
+    build = images.get(debug_console=True)
+    served = b'[settings]\nmotd = "from the metadata URL"\n'
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200 if self.path == "/user-data" else 404)
+            self.send_header("Content-Length", str(len(served)))
+            self.end_headers()
+            self.wfile.write(served)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        disk = raw_copy(build.disk, tmp_path / "disk.img")
+        _set_boot_cmdline(disk, f"kiln.user-data-url=http://10.0.2.2:{server.server_address[1]}/user-data")
+        drive = tmp_path / "user-data.toml"
+        drive.write_text('[settings]\nmotd = "from the config drive"\n[settings.network]\nhostname = "from-drive"\n')
+        vm = boot(disk, user_data=drive)
+        vm.wait_for(r"kiln: user data applied from config drive", 240)
+        vm.wait_for(r"kiln: user data applied from http://10\.0\.2\.2:\d+/user-data", 240)
+        vm.wait_ready(240)
+        vm.wait_shell()
+        # Later providers win key by key: the URL's motd, the drive's hostname.
+        assert vm.check("cat /etc/motd").strip() == "from the metadata URL"
+        assert vm.check("cat /proc/sys/kernel/hostname").strip() == "from-drive"
+        report = json.loads(vm.check("cat /var/lib/kiln/user-data/network.json"))
+        assert report["http"].startswith("applied from http://10.0.2.2")
+        assert requests == ["/user-data"]
+    finally:
+        server.shutdown()
+        server.server_close()

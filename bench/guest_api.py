@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""The settings path inside a booted Kiln guest (QEMU TCG): start-up, memory, boot share.
+
+Boots the default image built with a debug console (needed to look inside), first with
+user data that turns on the mutual-TLS remote API, then once more (a reboot), and measures:
+
+- boot share:  kiln-settings.service's wall time and kiln-ready.target's time since boot
+               (systemd's monotonic timestamps), first boot (user data, generators, full
+               render, restarts) and second boot (render cache current: nothing to do);
+               the pipeline's own step timings (/run/kiln/boot-settings.json);
+- API start:   with kiln-apiserver.service stopped (its socket still listening), one GET
+               from a Python client inside the guest: connect → first response, which
+               includes the server's socket-activated start; then the same GET warm
+               (median of 20) — the alternative, a server already running;
+- memory:      VmRSS of every long-lived Kiln process (API server, remote API) beside
+               containerd for scale, and the peak RSS of the one-shot Kiln processes
+               (the boot pipeline, fast and full; the `kiln` client) via getrusage.
+
+Target: the Kiln agents together under 60 MiB resident. Writes bench/results/guest_api.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench as B
+
+from kiln import pki
+from kiln.build.pipeline import BuildOptions, build
+from kiln.core.progress import Progress
+from kiln.variant import load_variant
+from kiln.vm.qemu import Forward, Vm, VmConfig, free_port
+
+FIRST_RESPONSE = r"""
+import socket, time, json
+t0 = time.monotonic()
+s = socket.socket(socket.AF_UNIX); s.connect("/run/kiln/api.sock")
+s.sendall(b"GET /settings?keys=settings.motd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(json.dumps({"seconds": time.monotonic() - t0, "status": data.split(b" ", 2)[1].decode()}))
+"""
+
+PEAK_RSS = r"""
+import resource, subprocess, sys, json
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))
+"""
+
+
+def monotonic_prop(vm: Vm, unit: str, prop: str) -> float | None:
+    raw = vm.check(f"systemctl show -p {prop} --value {unit}").strip()
+    return int(raw) / 1e6 if raw.isdigit() and int(raw) else None
+
+
+def boot_share(vm: Vm) -> dict[str, Any]:
+    start = monotonic_prop(vm, "kiln-settings.service", "InactiveExitTimestampMonotonic")
+    end = monotonic_prop(vm, "kiln-settings.service", "ActiveEnterTimestampMonotonic")
+    ready = monotonic_prop(vm, "kiln-ready.target", "ActiveEnterTimestampMonotonic")
+    userspace = monotonic_prop(vm, "-.slice", "ActiveEnterTimestampMonotonic")  # ~ systemd start
+    steps = json.loads(vm.check("cat /run/kiln/boot-settings.json"))
+    wall = None if start is None or end is None else end - start
+    return {
+        "settings_unit_start_s": start,
+        "settings_unit_wall_s": wall,
+        "settings_pipeline_work_s": steps.get("total"),
+        "settings_steps_s": steps.get("steps"),
+        "ready_target_s": ready,
+        "systemd_start_s": userspace,
+        "share_of_ready": None if wall is None or not ready else wall / ready,
+        "apply": steps["apply"] if isinstance(steps.get("apply"), str) else "rendered and restarted",
+    }
+
+
+def guest_py(vm: Vm, code: str, *args: str) -> Any:
+    vm.check(f"cat > /tmp/bench.py <<'PYEOF'\n{code}\nPYEOF")
+    return json.loads(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180).strip().splitlines()[-1])
+
+
+def rss_of(vm: Vm, unit: str) -> int | None:
+    pid = vm.check(f"systemctl show -p MainPID --value {unit}").strip()
+    if not pid.isdigit() or pid == "0":
+        return None
+    line = vm.check(f"grep VmRSS /proc/{pid}/status").split()
+    return int(line[1]) * 1024
+
+
+def measure(image: Path, work: Path) -> dict[str, Any]:
+    fleet = work / "pki"
+    pki.init(fleet)
+    user_data = work / "user-data.toml"
+    user_data.write_text(pki.user_data(fleet) + '\n[settings]\nmotd = "bench"\n')
+    port = free_port()
+    vm = Vm(VmConfig(image, work / "vm", accel="tcg", user_data=user_data, forwards=(Forward(port, 50000),)),
+            serial_log=work / "serial.log")
+    out: dict[str, Any] = {}
+    try:
+        vm.start()
+        vm.wait_ready(300)
+        vm.wait_shell()
+        out["first_boot"] = boot_share(vm)
+        # API start-to-first-response: stop the server; the socket stays and activates it again.
+        vm.check("systemctl stop kiln-apiserver.service")
+        cold = guest_py(vm, FIRST_RESPONSE)
+        warm = [guest_py(vm, FIRST_RESPONSE)["seconds"] for _ in range(20)]
+        out["api"] = {"first_response_s": cold["seconds"], "status": cold["status"],
+                      "warm_request_median_s": statistics.median(warm)}
+        out["rss_bytes"] = {
+            "kiln-apiserver": rss_of(vm, "kiln-apiserver.service"),
+            "kiln-api-remote": rss_of(vm, "kiln-api-remote.service"),
+            "containerd (for scale)": rss_of(vm, "containerd.service"),
+        }
+        out["peak_rss_bytes"] = {
+            "boot pipeline (render cache current)": guest_py(vm, PEAK_RSS, "python3", "-I", "-m",
+                                                              "kiln.host.boot.pipeline"),
+            "kiln settings get (client)": guest_py(vm, PEAK_RSS, "kiln", "settings", "get"),
+        }
+        vm.check("rm -f /var/lib/kiln/rendered/manifest.json")
+        out["peak_rss_bytes"]["boot pipeline (full render + restarts)"] = guest_py(
+            vm, PEAK_RSS, "python3", "-I", "-m", "kiln.host.boot.pipeline")
+        vm.mark()
+        vm.send("reboot\n")
+        vm.wait_ready(300)
+        vm.wait_shell()
+        out["second_boot"] = boot_share(vm)
+    finally:
+        vm.kill()
+    agents = sum(v for k, v in out["rss_bytes"].items() if v and k.startswith("kiln"))
+    out["agents_resident_bytes"] = agents
+    out["agents_target_bytes"] = 60 * B.MiB
+    out["agents_target_met"] = agents < 60 * B.MiB
+    return out
+
+
+def report(r: dict[str, Any]) -> str:
+    rows = []
+    for boot in ("first_boot", "second_boot"):
+        b = r[boot]
+        rows.append([
+            boot.replace("_", " "), B.fmt_s(b["settings_unit_wall_s"], 2), B.fmt_s(b["settings_pipeline_work_s"], 2),
+            B.fmt_s(b["ready_target_s"], 2), B.fmt_ratio(b["share_of_ready"]), b["apply"],
+        ])
+    lines = [B.table(rows, ["boot", "kiln-settings wall", "pipeline work", "ready target", "share", "apply"]), ""]
+    a = r["api"]
+    lines.append(B.table([["socket-activated start → first response", B.fmt_s(a["first_response_s"], 3)],
+                          ["warm request (server running)", B.fmt_s(a["warm_request_median_s"], 4)],
+                          ["ratio cold/warm", B.fmt_ratio(B.ratio(a["first_response_s"], a["warm_request_median_s"]))]],
+                         ["API in the guest", "time"]))
+    lines.append("")
+    mem = [[k, B.fmt_mib(v)] for k, v in r["rss_bytes"].items()]
+    mem += [[f"peak: {k}", B.fmt_mib(v)] for k, v in r["peak_rss_bytes"].items()]
+    mem.append(["Kiln agents resident together (target < 60 MiB)",
+                B.fmt_mib(r["agents_resident_bytes"]) + (" ok" if r["agents_target_met"] else " MISSED")])
+    lines.append(B.table(mem, ["process", "RSS"]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--image", type=Path, help="a disk.img built with --debug-console (default: build one)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    info = B.machine()
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-guest-") as tmp:
+        work = Path(tmp)
+        image = args.image
+        if image is None:
+            B.log("building the default image with --debug-console")
+            image = build(BuildOptions(load_variant(), work / "image", debug_console=True), Progress(quiet=True)).disk
+        t0 = time.monotonic()
+        B.log("booting (TCG, 1 vCPU), measuring, rebooting")
+        result = measure(image, work)
+        result["elapsed_s"] = time.monotonic() - t0
+    data = {"machine": info, "result": result}
+    B.write_result("guest_api", data)
+    print(json.dumps(data, indent=2) if args.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
