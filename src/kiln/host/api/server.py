@@ -40,11 +40,11 @@ CLIENT_TIMEOUT = 30.0
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT
+    server: _ServerMixin  # type: ignore[assignment]
 
     def version_string(self) -> str:
         return "kiln-api"
-    timeout = CLIENT_TIMEOUT
-    server: _ServerMixin  # type: ignore[assignment]
 
     def address_string(self) -> str:  # AF_UNIX peers have no address; the stdlib would crash
         return "local" if isinstance(self.client_address, str | bytes) else str(self.client_address[0])
@@ -74,43 +74,37 @@ class _Handler(BaseHTTPRequestHandler):
         if data and self.command != "HEAD":
             self.wfile.write(data)
 
-    def _serve(self) -> None:
-        role = self.server.role_of(self.connection)
-        if role is None:
-            self.close_connection = True
-            self._send(403, ApiError(403, "client certificate carries no Kiln role").body())
-            return
-        length = self.headers.get("Content-Length")
-        if len(set(self.headers.get_all("Content-Length") or ())) > 1:
-            self.close_connection = True  # which body is meant? (RFC 9112 6.3: reject, never guess)
-            self._send(400, ApiError(400, "conflicting Content-Length headers").body())
-            return
+    def _read_body(self) -> bytes:
+        """The body per its one Content-Length; anything ambiguous or cut off is refused, never guessed."""
+        lengths = set(self.headers.get_all("Content-Length") or ())
+        if len(lengths) > 1:  # which body is meant? (RFC 9112 6.3)
+            raise ApiError(400, "conflicting Content-Length headers")
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._send(411, ApiError(411, "send the body with a Content-Length").body())
-            return
-        try:
-            size = int(length or 0)
-        except ValueError:
-            size = -1
-        if size < 0:
-            self.close_connection = True
-            self._send(400, ApiError(400, f"Content-Length '{length}' is not a byte count").body())
-            return
+            raise ApiError(411, "send the body with a Content-Length")
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise ApiError(400, f"Content-Length '{length}' is not a byte count")
+        size = int(length)
         if size > MAX_BODY:
-            self.close_connection = True
-            self._send(413, ApiError(413, f"body must be 0..{MAX_BODY} bytes").body())
-            return
+            raise ApiError(413, f"body must be 0..{MAX_BODY} bytes")
         body = self.rfile.read(size) if size else b""
         if len(body) != size:  # the client stopped sending: never act on a cut-off body
-            self.close_connection = True
-            self._send(400, ApiError(400, f"body ended after {len(body)} of {size} bytes").body())
-            return
+            raise ApiError(400, f"body ended after {len(body)} of {size} bytes")
+        return body
+
+    def _serve(self) -> None:
         try:
-            req = Request.from_target(self.command, self.path, body, role)
-        except ValueError as e:  # urlsplit: an absolute-form target with a broken host part
+            role = self.server.role_of(self.connection)
+            if role is None:
+                raise ApiError(403, "client certificate carries no Kiln role")
+            body = self._read_body()
+            try:
+                req = Request.from_target(self.command, self.path, body, role)
+            except ValueError as e:  # urlsplit: an absolute-form target with a broken host part
+                raise ApiError(400, f"malformed request target: {e}") from None
+        except ApiError as e:
             self.close_connection = True
-            self._send(400, ApiError(400, f"malformed request target: {e}").body())
+            self._send(e.status, e.body())
             return
         resp = self.server.api.handle(req)
         self._send(resp.status, resp.body)
