@@ -20,11 +20,13 @@ from typing import Any
 
 from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
-from kiln.host.render.apply import apply
 from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
+from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
 from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
-from kiln.host.settings.model import SECRET_KEYS, InvalidSettings, validate
+
+# The model (msgspec) and the renderer (Jinja2, subprocess) load on the first write: a
+# socket-activated server answers its first GET sooner without them.
 
 MAX_BODY = 1 << 20
 OPENAPI = Path(__file__).with_name("openapi.json")
@@ -263,6 +265,8 @@ def keypairs_to_tree(pairs: list[str]) -> Tree:
 
 
 def _fits(path: tuple[str, ...], value: Any) -> bool:
+    from kiln.host.settings.model import validate
+
     probe: Tree = {}
     set_path(probe, path, value)
     try:
@@ -307,6 +311,8 @@ def _applying(api: Api) -> Iterator[None]:
 
 
 def _apply(api: Api, keys: list[tuple[str, ...]] | None) -> dict[str, Any]:
+    from kiln.host.render.apply import apply
+
     return apply(
         api.store, keys, templates=api.templates, root=api.render_root, restart=api.restart, cache=api.cache
     ).to_json()

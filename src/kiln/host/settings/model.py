@@ -17,7 +17,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
 from kiln.host.settings.keys import format_key, get_path, set_path
+
+__all__ = ["SECRET_KEYS", "InvalidSettings", "Settings", "to_tree", "validate"]
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")]
@@ -90,17 +93,6 @@ class Settings(_S):
     api: Api | None = None
 
 
-# Values a reader must not see through the API (the node's private key).
-SECRET_KEYS: tuple[tuple[str, ...], ...] = (("api", "remote", "key"),)
-
-
-class InvalidSettings(ValueError):
-    """A settings tree the model rejects; `path` is the dotted key of the bad value."""
-
-    def __init__(self, detail: str, path: str) -> None:
-        super().__init__(f"{path}: {detail}" if path else detail)
-        self.detail = detail
-        self.path = path
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
