@@ -51,6 +51,8 @@ lint: venv
 bench: setup
 	$(SUDO) $(PY) bench/build_time.py
 	$(SUDO) $(PY) bench/boot_time.py
+	$(SUDO) $(PY) bench/api_latency.py
+	$(SUDO) $(PY) bench/guest_api.py
 
 clean:
 	rm -rf build
