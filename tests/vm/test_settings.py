@@ -63,10 +63,10 @@ time-servers = ["10.0.2.2"]
         status = ""
         for _ in range(30):
             status = vm.check("systemctl show -p StatusText --value systemd-timesyncd")
-            if "synchronization to time server 10.0.2.2" in status:
+            if "time server 10.0.2.2" in status and ntp_clients:
                 break
             vm.check("sleep 2")
-        assert "10.0.2.2" in status and ntp_clients, f"timesyncd did not sync: {status!r}"
+        assert "time server 10.0.2.2" in status and ntp_clients, f"timesyncd did not reach it: {status!r}"
 
     # From the workstation, over mutual TLS: read, then change the hostname live.
     remote = ["--endpoint", f"127.0.0.1:{port}", "--pki", str(fleet)]
