@@ -79,6 +79,7 @@ class Response:
     status: int = 200
     body: Any = None
     after: Callable[[], None] | None = None  # runs once the response is sent (reboot)
+    encoded: bytes | None = None  # the body already as JSON (the transport sends it as is)
 
 
 Handler = Callable[["Api", Request], Response]
@@ -117,6 +118,7 @@ class Api:
         self.apply_lock = threading.Lock()
         self.cache = cache  # the host's render cache (kiln.host.render.cache); None in tests
         self.apply_wait = apply_wait  # seconds an apply waits for the one running before 423
+        self.encoded_live: tuple[Tree, bytes] | None = None  # GET /settings, per live version
 
     def handle(self, req: Request) -> Response:
         """Dispatch one request; never raises (a bug becomes a logged 500, not a dead server)."""
@@ -212,7 +214,13 @@ def _filter(tree: Tree, req: Request) -> Tree:
 
 @route("GET", "/settings")
 def get_settings(api: Api, req: Request) -> Response:
-    return Response(200, api.visible(_filter(api.store.live(), req), req.role))
+    live = api.store.live_shared()
+    if req.role == "admin" and not req.query:  # the common case: encode each version once
+        cached = api.encoded_live
+        if cached is None or cached[0] is not live:
+            cached = api.encoded_live = (live, json.dumps(live).encode() + b"\n")
+        return Response(200, live, encoded=cached[1])
+    return Response(200, api.visible(_filter(live, req), req.role))
 
 
 @route("PATCH", "/settings")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -62,17 +63,26 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own refusals (bad request line, headers too long) in the API's JSON shape."""
         self.close_connection = True
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # the client's fault, not the server's
+            code = HTTPStatus.BAD_REQUEST
         self._send(code, ApiError(code, message or HTTPStatus(code).phrase).body())
 
-    def _send(self, status: int, body: Any) -> None:
-        data = b"" if body is None else json.dumps(body).encode() + b"\n"
-        self.send_response(status)
+    def _send(self, status: int, body: Any, encoded: bytes | None = None) -> None:
+        """Status line, headers and body in one write (one syscall, one packet)."""
+        data = encoded if encoded is not None else b"" if body is None else json.dumps(body).encode() + b"\n"
+        head = [
+            f"{self.protocol_version} {status} {HTTPStatus(status).phrase}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Length: {len(data)}",
+        ]
         if data:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if data and self.command != "HEAD":
-            self.wfile.write(data)
+            head.append("Content-Type: application/json")
+        if self.close_connection:
+            head.append("Connection: close")
+        self.log_request(status)
+        payload = data if self.command != "HEAD" else b""
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
 
     def _read_body(self) -> bytes:
         """The body per its one Content-Length; anything ambiguous or cut off is refused, never guessed."""
@@ -107,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(e.status, e.body())
             return
         resp = self.server.api.handle(req)
-        self._send(resp.status, resp.body)
+        self._send(resp.status, resp.body, resp.encoded)
         self.wfile.flush()
         if resp.after is not None:
             resp.after()
@@ -193,6 +203,7 @@ def serve(server: socketserver.BaseServer) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    gc.freeze()  # start-up objects never die: keep them out of every collection (tail latency)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:

@@ -64,6 +64,7 @@ class NothingPending(DatastoreError):
 class Datastore:
     def __init__(self, root: Path = DEFAULT_ROOT) -> None:
         self.root = Path(root)
+        self._shared: tuple[tuple[int, int, int], Tree] | None = None
 
     # -- layout ------------------------------------------------------------------------
 
@@ -131,6 +132,25 @@ class Datastore:
 
     def live(self) -> Tree:
         return self._read(self.version_dir / "live" / "settings.json")
+
+    def live_shared(self) -> Tree:
+        """The live settings as a tree shared between readers: never modify it.
+
+        For the API's GETs: one stat() instead of open, read and parse when nothing changed.
+        A commit replaces the file by rename, so (inode, size, mtime) tells a new version.
+        """
+        path = self.root / "current" / "live" / "settings.json"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return self.live()  # no datastore (a clear error) or no settings yet
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._shared
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tree = self._read(path)
+        self._shared = (key, tree)
+        return tree
 
     def pending(self, tx: str = DEFAULT_TX) -> Tree:
         return self._read(self._pending_path(tx))
