@@ -9,9 +9,9 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 
 from kiln.build.settings import merge_defaults
-from kiln.host.boot import generate, storewolf, sundog, userdata
+from kiln.host.boot import storewolf, sundog, userdata
 from kiln.host.datastore import LAUNCH_TX, Datastore
 from kiln.host.settings import definitions
 
@@ -158,23 +158,20 @@ def test_sundog(generators: tuple[Datastore, Path], capsys: pytest.CaptureFixtur
 
 
 def test_the_real_generators(tmp_path: Path) -> None:
-    python = shlex.join([sys.executable, "-m", "kiln.host.boot.generate"])
+    """The default variant's generators (shell one-liners): a seed in 0..2047, kiln-<machine id>."""
+    doc = tomllib.loads((ROOT / "variants/settings/defaults.toml").read_text())
     store = Datastore.create(tmp_path / "ds", "1.0.0")
-    store.set_definitions(definitions.from_defaults({"metadata": {"settings": {
-        "updates": {"seed": {"setting-generator": f"{python} seed"}},
-        "motd": {"setting-generator": f"{python} bogus"},
-    }}}))
+    store.set_definitions(definitions.from_defaults({"metadata": doc["metadata"]}))
     report = sundog.run(store)
     assert report["settings.updates.seed"] == "generated"
-    assert 0 <= store.pending(LAUNCH_TX)["updates"]["seed"] <= 2047
-    assert report["settings.motd"].startswith("failed: exit 1: usage: generate")
-
-    mid = tmp_path / "machine-id"
-    assert generate.hostname(mid) is None
-    mid.write_text("0123456789abcdef0123456789abcdef\n")
-    assert generate.hostname(mid) == "kiln-01234567"
-    mid.write_text("short\n")
-    assert generate.hostname(mid) is None
+    pending = store.pending(LAUNCH_TX)
+    assert 0 <= pending["updates"]["seed"] <= 2047
+    machine_id = Path("/etc/machine-id").read_text().strip()
+    assert report["settings.network.hostname"] == "generated"
+    assert pending["network"]["hostname"] == f"kiln-{machine_id[:8]}"
+    seeds = {sundog.generate(store.raw_definitions()["setting-generators"]["settings.updates.seed"])
+             for _ in range(40)}
+    assert len(seeds) > 20 and all(0 <= s <= 2047 for s in seeds)
 
 
 # -- user data: parsing ---------------------------------------------------------------------------
