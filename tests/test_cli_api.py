@@ -104,7 +104,8 @@ def test_settings_set_commits_and_applies(kiln: Run, host: ApiHost) -> None:
 def test_settings_set_json(kiln: Run) -> None:
     result = kiln.json("settings", "set", "motd=json")
     assert result == {"changed": ["settings.motd"], "apply": {"services": ["motd"], "written": ["/etc/motd"],
-                                                              "removed": [], "restarted": [], "errors": []}}
+                                                              "removed": [], "restarted": [], "errors": [],
+                                                              "failed_restarts": []}}
 
 
 def test_settings_set_no_apply_and_tx(kiln: Run, host: ApiHost) -> None:

@@ -148,8 +148,8 @@ def test_only_affected_services_restart_and_a_failure_stops_no_other(
     assert report.services == ["failing", "motd"]
     assert report.written == ["/etc/motd"]
     assert report.restarted == ["motd"]
-    assert len(report.errors) == 1
-    assert report.errors[0].startswith("service 'failing': command failed (exit 3)")
+    assert len(report.failed_restarts) == 1
+    assert report.failed_restarts[0].startswith("service 'failing': command failed (exit 3)")
     assert restarts(marker) == ["failing", "motd"], "the failed service's later commands do not run"
     assert (root / "etc/motd").read_text() == "hello on 9.8.7\n"
     assert not (root / "etc/systemd").exists(), "ntp was not affected"
@@ -233,7 +233,8 @@ def test_a_hanging_restart_command_times_out(
     start = time.monotonic()
     report = apply(store, [("settings", "motd")], templates=templates, root=root)
     assert time.monotonic() - start < 10
-    assert any(e.startswith("service 'motd': command failed") and "timed out after 0.5 s" in e for e in report.errors)
+    failed = report.failed_restarts
+    assert any(e.startswith("service 'motd': command failed") and "timed out after 0.5 s" in e for e in failed)
     assert "motd" not in report.restarted
     assert "after" not in restarts(marker)
 
@@ -429,13 +430,34 @@ def test_full_apply_fills_the_cache_and_boot_skips_when_current(tmp_path: Path) 
     assert again is not None and "/etc/motd" in again.written
 
 
-def test_cache_follows_partial_applies_and_changes_of_image(tmp_path: Path) -> None:
+def test_a_partial_apply_mirrors_its_files_but_the_next_boot_renders_all(tmp_path: Path) -> None:
     store, templates, root, cache = _cached_host(tmp_path)
     apply(store, None, templates=templates, root=root, restart=False, cache=cache)
     store.patch({"motd": "changed"})
     changed = store.commit()
     apply(store, changed, templates=templates, root=root, restart=False, cache=cache)
     assert (cache.root / "etc/motd").read_text() == "changed\n"
+    # Only a full render vouches for every file (a commit without an apply, say).
+    assert cache.manifest() == {}
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is not None
+    assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is None
+
+
+def test_a_commit_without_an_apply_is_rendered_at_the_next_boot(tmp_path: Path) -> None:
+    """The reviewer's case: motd committed but never applied, then another key applied."""
+    store, templates, root, cache = _cached_host(tmp_path)
+    apply(store, None, templates=templates, root=root, restart=False, cache=cache)
+    store.patch({"motd": "committed, not applied"})
+    store.commit()
+    store.patch({"network": {"hostname": "h2"}})
+    apply(store, store.commit(), templates=templates, root=root, restart=False, cache=cache)
+    report = applier.run(store, root=root, cache=cache, templates=templates, restart=False)
+    assert report is not None and (root / "etc/motd").read_text() == "committed, not applied\n"
+
+
+def test_a_new_image_renders_everything(tmp_path: Path) -> None:
+    store, templates, root, cache = _cached_host(tmp_path)
+    apply(store, None, templates=templates, root=root, restart=False, cache=cache)
     assert applier.run(store, root=root, cache=cache, templates=templates, restart=False) is None
     # A new image (another BUILD_ID in os-release) re-renders everything.
     (root / "etc/os-release").write_text('VERSION_ID=1.1.0\nBUILD_ID="def"\n')

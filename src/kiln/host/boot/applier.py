@@ -46,7 +46,7 @@ def run(
 
 def main() -> int:
     report = run(Datastore())
-    for problem in report.errors if report else []:
+    for problem in [*report.errors, *report.failed_restarts] if report else []:
         say(f"kiln: {problem}")
     return 1 if report and report.errors else 0
 

@@ -63,10 +63,12 @@ def main() -> int:
     atomic_write(TIMINGS, json.dumps(record, indent=1).encode() + b"\n")
     steps = " ".join(f"{k}={v:.2f}s" for k, v in record["steps"].items())
     print(f"kiln: settings pipeline {record['total']:.2f}s ({steps})", flush=True)
-    errors = record["apply"]["errors"] if isinstance(record["apply"], dict) else []
-    for problem in errors:
+    applied = record["apply"] if isinstance(record["apply"], dict) else {}
+    for problem in applied.get("failed_restarts", []):  # a bad value must not block every boot
+        say(f"kiln: settings applied, but {problem}")
+    for problem in applied.get("errors", []):  # an image whose files do not render is not healthy
         say(f"kiln: {problem}")
-    return 1 if errors else 0
+    return 1 if applied.get("errors") else 0
 
 
 if __name__ == "__main__":

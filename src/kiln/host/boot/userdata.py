@@ -193,7 +193,7 @@ def run_phase(phase: str, store: Datastore) -> dict[str, str] | None:
             from kiln.host.render.cache import RenderCache
 
             result = apply(store, store.commit(LAUNCH_TX), cache=RenderCache())
-            for problem in result.errors:
+            for problem in [*result.errors, *result.failed_restarts]:
                 say(f"kiln: {problem}")
     else:
         raise ValueError(f"unknown user data phase '{phase}' (early or network)")

@@ -67,9 +67,10 @@ def _report_apply(result: dict[str, Any], args: argparse.Namespace) -> int:
         for label in ("services", "written", "removed", "restarted"):
             if applied.get(label):
                 print(f"{label}: {', '.join(applied[label])}")
-        for problem in applied.get("errors", []):
+        for problem in [*applied.get("errors", []), *applied.get("failed_restarts", [])]:
             print(f"error: {problem}", file=sys.stderr)
-    return 1 if result.get("apply", result).get("errors") else 0
+    applied = result.get("apply", result)
+    return 1 if applied.get("errors") or applied.get("failed_restarts") else 0
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -9,9 +9,12 @@ a failure is reported and does not stop the other services.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,8 @@ class ApplyReport:
     written: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # files that did not render: the host is not healthy
+    failed_restarts: list[str] = field(default_factory=list)  # reported, but a bad value must not block boots
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -52,10 +56,34 @@ def apply(
 ) -> ApplyReport:
     """Render and restart for `keys` (None: everything). `root` relocates written files (tests).
 
-    With a `cache`, every file written or removed is mirrored there and the cache records
-    what the files now match (see kiln.host.render.cache); a failed render invalidates it.
+    With a `cache`, every file written or removed is mirrored there. Only a complete, clean
+    render records what the files match (see kiln.host.render.cache); a partial apply or a
+    failed one invalidates it, so the next boot renders everything once.
+    One apply at a time on the host (an flock beside the datastore), whichever process runs it.
     """
-    templates = templates or Templates()
+    with _one_apply(store):
+        return _apply(store, keys, templates or Templates(), root, restart, cache)
+
+
+@contextlib.contextmanager
+def _one_apply(store: Datastore) -> Iterator[None]:
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / "apply.lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _apply(
+    store: Datastore,
+    keys: list[tuple[str, ...]] | None,
+    templates: Templates,
+    root: Path,
+    restart: bool,
+    cache: RenderCache | None,
+) -> ApplyReport:
     definitions = store.definitions()
     services = sorted(definitions.services) if keys is None else definitions.services_for(keys)
     report = ApplyReport(services=services)
@@ -63,8 +91,8 @@ def apply(
     osr = os_release_bytes(root)
     context = {"settings": settings, "os": os_release(root / "etc/os-release")}
     rendered: dict[str, bytes | None] = {}  # configuration file name → content (None: removed)
-    if cache is not None and keys is None:
-        cache.forget()  # a crash during a full render must not leave a cache that looks current
+    if cache is not None:
+        cache.forget()  # a crash during a render must not leave a cache that looks current
     for name in definitions.files_for(services):
         cf = definitions.configuration_files[name]
         target = root / cf.path.lstrip("/")
@@ -87,21 +115,19 @@ def apply(
             rendered[name] = data
         except (TemplateError, OSError) as e:
             report.errors.append(f"configuration file '{name}' ({cf.path}): {e}")
-    if cache is not None:
-        previous = cache.manifest()
-        if report.errors or (keys is not None and not previous):
-            cache.forget()  # only a full render starts a cache; a failed one ends it
-        else:
-            files = {} if keys is None else dict(previous.get("files", {}))
-            files.update({definitions.configuration_files[n].path: file_hash(d) for n, d in rendered.items()})
-            cache.record(digest(settings, osr), files)
+    # A partial apply re-rendered only what the changed keys touch; whether the other files
+    # still match the live settings is not known here (a commit without an apply, another
+    # client's commit in between), so only a clean full render vouches for the whole set.
+    if cache is not None and keys is None and not report.errors:
+        files = {definitions.configuration_files[n].path: file_hash(d) for n, d in rendered.items()}
+        cache.record(digest(settings, osr), files)
     if restart:
         for svc in services:
             if any(f not in rendered for f in definitions.services[svc].configuration_files):
                 report.errors.append(f"service '{svc}': not restarted, a configuration file failed to render")
                 continue
             _restart(svc, definitions.services[svc].restart_commands, report)
-    for problem in report.errors:
+    for problem in [*report.errors, *report.failed_restarts]:
         log.error("%s", problem)
     return report
 
@@ -119,7 +145,7 @@ def _restart(service: str, commands: list[str], report: ApplyReport) -> None:
         try:
             run(shlex.split(cmd), timeout=RESTART_TIMEOUT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         except KilnError as e:
-            report.errors.append(f"service '{service}': {e}")
+            report.failed_restarts.append(f"service '{service}': {e}")
             return
     if commands:
         report.restarted.append(service)
