@@ -21,9 +21,11 @@ import pytest
 from kiln.build.settings import merge_defaults
 from kiln.host.boot import storewolf, sundog, userdata
 from kiln.host.datastore import LAUNCH_TX, Datastore
+from kiln.host.render.templates import Templates
 from kiln.host.settings import definitions
 
 ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = Templates(ROOT / "variants/settings/templates", compiled=None)
 REAL_DEFAULTS = ROOT / "variants/settings/defaults.toml"
 
 # -- storewolf --------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def test_http_provider(server: tuple[str, dict[str, tuple[int, bytes]]]) -> None
     assert userdata.http(f"{base}/missing", deadline=2) is None
 
     start = time.monotonic()
-    with pytest.raises(userdata.Rejected, match=r"/broken: unreachable for 1 s \(HTTP 500\)"):
+    with pytest.raises(userdata.Unreachable, match=r"/broken for 1 s \(HTTP 500\); trying again next boot"):
         userdata.http(f"{base}/broken", deadline=1)
     assert time.monotonic() - start < 5
 
@@ -344,7 +346,7 @@ def test_http_provider(server: tuple[str, dict[str, tuple[int, bytes]]]) -> None
 def test_http_provider_unreachable_gives_up_after_the_deadline() -> None:
     url = f"http://127.0.0.1:{closed_port()}/user-data"
     start = time.monotonic()
-    with pytest.raises(userdata.Rejected, match=r"unreachable for 1 s"):
+    with pytest.raises(userdata.Unreachable, match=r"/user-data for 1 s .*Connection refused"):
         userdata.http(url, deadline=1)
     elapsed = time.monotonic() - start
     assert 1 <= elapsed < 5, elapsed
@@ -410,9 +412,86 @@ def test_an_invalid_provider_is_rejected_whole(
     assert report["config-drive"].startswith("rejected: config drive")
     assert report["config-drive"].endswith("settings.updates.seed: expected int, got str")
     assert report["too-big"] == f"rejected: {big}: larger than {userdata.MAX_SIZE} bytes"
-    assert report["unreachable"].startswith("rejected: http://127.0.0.1:")
+    assert report["unreachable"].startswith("unreachable: http://127.0.0.1:")
     assert report["local-file"].startswith("applied") and report["http"].startswith("applied")
     assert store.pending(LAUNCH_TX) == {"motd": "local", "ntp": {"time-servers": ["http.ntp"]}}
     err = capsys.readouterr().err
     assert "kiln: user data rejected: config drive" in err
     assert "booting without it" in err
+
+
+# -- review fixes: bounds and first-boot marker ordering -------------------------------------------
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it() -> None:
+    bomb = gzip.compress(b"[settings]\n" + b"#" * (4 * userdata.MAX_SIZE))
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(userdata.Rejected, match="larger than 1048576 bytes once decompressed"):
+        userdata.parse(bomb, "src")
+
+
+def test_a_trickling_body_is_cut_at_the_deadline() -> None:
+    """A server that sends a byte now and then cannot hold the boot past the deadline."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            try:
+                listener.settimeout(0.2)
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    try:
+                        conn.sendall(b"#")
+                    except OSError:
+                        break
+                    time.sleep(0.3)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(userdata.Unreachable, match="trying again next boot"):
+            userdata.http(f"http://127.0.0.1:{listener.getsockname()[1]}/ud", deadline=1.5)
+        assert time.monotonic() - start < 6
+    finally:
+        stop.set()
+        thread.join(3)
+        listener.close()
+
+
+def test_first_boot_user_data_is_marked_done_only_after_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.host.boot import applier, pipeline
+
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps(merge_defaults((ROOT / "variants/settings/defaults.toml",))))
+    local = tmp_path / "user-data.toml"
+    local.write_text('[settings]\nmotd = "from user data"\n')
+    monkeypatch.setattr(userdata, "STATE", tmp_path / "user-data-state")
+    monkeypatch.setattr(pipeline, "USER_DATA_MARKER", tmp_path / "user-data-state" / "early.json")
+    monkeypatch.setattr(userdata, "early_providers", lambda: [("local-file", lambda: userdata.local_file(local))])
+    monkeypatch.setattr(sundog, "run", lambda store: {})  # no generators here
+
+    def crash(store: Datastore, **kw: Any) -> None:
+        raise OSError("power cut before the commit")
+
+    real_applier = applier.run
+    monkeypatch.setattr(applier, "run", crash)
+    with pytest.raises(OSError, match="power cut"):
+        pipeline.run(tmp_path / "ds", defaults)
+    assert not (tmp_path / "user-data-state" / "early.json").exists(), "must read the user data again"
+
+    monkeypatch.setattr(applier, "run", lambda store: real_applier(store, root=tmp_path / "root", restart=False,
+                                                                    cache=None, templates=TEMPLATES))
+    record = pipeline.run(tmp_path / "ds", defaults)
+    assert record["user-data"] == {"local-file": f"applied from {local}"}
+    assert Datastore(tmp_path / "ds").live()["motd"] == "from user data"
+    assert json.loads((tmp_path / "user-data-state" / "early.json").read_text()) == record["user-data"]

@@ -53,6 +53,10 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
     report = applier.run(store)
     record["apply"] = report.to_json() if report else "current: files restored by the initramfs"
     timed("applier", t0)
+    if record.get("user-data") is not None:  # committed now: first-boot user data is done
+        from kiln.host.boot import userdata
+
+        userdata.mark_done("early", record["user-data"])
     record["total"] = round(time.monotonic() - start, 3)
     return record
 

@@ -17,10 +17,10 @@ the host boots on the other providers' data and the defaults, and says so.
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 import tomllib
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +37,15 @@ DRIVE_LABELS = ("KILN-USERDATA", "CIDATA")
 DRIVE_FILES = ("user-data.toml", "user-data")
 MAX_SIZE = 1 << 20
 HTTP_DEADLINE = 60.0
+UNREACHABLE = "unreachable:"
 
 
 class Rejected(Exception):
     """User data that cannot be used; the message names the key or the line."""
+
+
+class Unreachable(Rejected):
+    """No answer from the metadata URL: not final, the next boot asks again."""
 
 
 @dataclass
@@ -52,10 +57,16 @@ class Found:
 def parse(raw: bytes, source: str) -> dict[str, Any]:
     """User data bytes → a validated settings tree, or Rejected naming the problem."""
     if raw[:2] == b"\x1f\x8b":
+        # Bounded: a small gzip may expand a thousandfold (and this would repeat every boot).
+        inflate = zlib.decompressobj(wbits=31)
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+            raw = inflate.decompress(raw, MAX_SIZE + 1)
+        except zlib.error as e:
             raise Rejected(f"{source}: not valid gzip: {e}") from None
+        if len(raw) > MAX_SIZE or inflate.unconsumed_tail:
+            raise Rejected(f"{source}: larger than {MAX_SIZE} bytes once decompressed")
+        if not inflate.eof:
+            raise Rejected(f"{source}: not valid gzip: the stream is truncated")
     try:
         doc = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -120,6 +131,7 @@ def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
 
     404 means "no user data"; anything else that is not 200 after the deadline is an error.
     """
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -129,17 +141,32 @@ def http(url: str, deadline: float = HTTP_DEADLINE) -> Found | None:
         try:
             remaining = max(0.5, min(10.0, end - time.monotonic()))
             with urllib.request.urlopen(url, timeout=remaining) as resp:
-                return Found(url, resp.read(MAX_SIZE + 1))
+                return Found(url, _read_until(resp, end))
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
             last = f"HTTP {e.code}"
-        except (OSError, ValueError) as e:
-            last = str(getattr(e, "reason", e))
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            last = str(getattr(e, "reason", e)) or type(e).__name__
         if time.monotonic() > end:
             break
         time.sleep(max(0.0, min(0.25 * 2**attempt, 2.0, end - time.monotonic())))
-    raise Rejected(f"{url}: unreachable for {deadline:g} s ({last})")
+    raise Unreachable(f"{url} for {deadline:g} s ({last}); trying again next boot")
+
+
+def _read_until(resp: Any, end: float) -> bytes:
+    """The body, at most MAX_SIZE + 1 bytes, and not a moment past the deadline."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_SIZE:
+        if time.monotonic() > end:
+            raise TimeoutError("the body did not arrive before the deadline")
+        chunk = resp.read1(min(65536, MAX_SIZE + 1 - size)) if hasattr(resp, "read1") else resp.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 Provider = tuple[str, Callable[[], Found | None]]
@@ -169,6 +196,9 @@ def collect(providers: list[Provider], store: Datastore) -> dict[str, str]:
             store.patch(settings, LAUNCH_TX)
             report[name] = f"applied from {found.source}"
             say(f"kiln: user data applied from {found.source}")
+        except Unreachable as e:
+            report[name] = f"{UNREACHABLE} {e}"
+            say(f"kiln: user data {UNREACHABLE} {e}; booting without it")
         except (Rejected, InvalidSettings) as e:
             report[name] = f"rejected: {e}"
             say(f"kiln: user data rejected: {e}; booting without it (defaults and other providers apply)")
@@ -178,41 +208,56 @@ def collect(providers: list[Provider], store: Datastore) -> dict[str, str]:
 def run_phase(phase: str, store: Datastore) -> dict[str, str] | None:
     """Run one phase's providers on first boot (None when it already ran on an earlier boot).
 
-    `early` only fills the launch transaction (the pipeline commits it); `network` comes
-    after that commit, so it commits and applies what it brought itself.
+    `early` only fills the launch transaction: the caller commits it and then calls
+    `mark_done`, so a crash before the commit reads the user data again next boot. `network`
+    comes after that commit, so it commits and applies what it brought, then marks itself
+    done, unless the metadata URL was unreachable (the next boot tries again).
     """
-    marker = STATE / f"{phase}.json"
-    if marker.exists():
+    if (STATE / f"{phase}.json").exists():
         return None
     if phase == "early":
-        report = collect(early_providers(), store)
-    elif phase == "network":
-        report = collect(network_providers(), store)
-        if any(v.startswith("applied") for v in report.values()):
-            from kiln.host.render.apply import apply
-            from kiln.host.render.cache import RenderCache
-
-            result = apply(store, store.commit(LAUNCH_TX), cache=RenderCache())
-            for problem in [*result.errors, *result.failed_restarts]:
-                say(f"kiln: {problem}")
-    else:
+        return collect(early_providers(), store)
+    if phase != "network":
         raise ValueError(f"unknown user data phase '{phase}' (early or network)")
-    STATE.mkdir(parents=True, exist_ok=True)
+    report = collect(network_providers(), store)
+    if any(v.startswith("applied") for v in report.values()):
+        from kiln.host.render.apply import apply
+        from kiln.host.render.cache import RenderCache
+
+        result = apply(store, store.commit(LAUNCH_TX), cache=RenderCache())
+        for problem in [*result.errors, *result.failed_restarts]:
+            say(f"kiln: {problem}")
+    if not any(v.startswith(UNREACHABLE) for v in report.values()):
+        mark_done(phase, report)
+    return report
+
+
+def mark_done(phase: str, report: dict[str, str]) -> None:
+    """Record what the providers did; from now on this phase is skipped (first boot only)."""
     from kiln.core.fs import atomic_write
 
-    atomic_write(marker, json.dumps(report, indent=1).encode() + b"\n")
-    return report
+    STATE.mkdir(parents=True, exist_ok=True)
+    atomic_write(STATE / f"{phase}.json", json.dumps(report, indent=1).encode() + b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     phase = (argv if argv is not None else sys.argv[1:] or ["early"])[0]
+    store = Datastore()
     try:
-        run_phase(phase, Datastore())
+        report = run_phase(phase, store)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
+    if phase == "early" and report is not None:
+        import contextlib
+
+        from kiln.host.datastore import NothingPending
+
+        with contextlib.suppress(NothingPending):
+            store.commit(LAUNCH_TX)
+        mark_done(phase, report)
     return 0
 
 
