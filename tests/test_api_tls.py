@@ -7,8 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import socket
 import ssl
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from kiln import pki
 from kiln.cli.main import main as kiln_main
+from kiln.host.api import server as server_mod
 from kiln.host.api.client import ApiRefused, ApiUnreachable, Client
 from kiln.host.api.server import RemoteServer
 from kiln.host.api.tls import server_context
@@ -205,3 +208,49 @@ def test_workstation_cli_needs_pki_and_a_port(capsys: pytest.CaptureFixture[str]
     assert "--endpoint needs --pki DIR" in capsys.readouterr().err
     assert kiln_main(["--endpoint", "nohost", "--pki", str(tmp_path), "settings", "get"]) == 1
     assert "must be HOST:PORT" in capsys.readouterr().err
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True when the server closes `sock` (EOF or reset) within `within` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_stalled_handshake_is_cut_at_the_deadline(remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer without a certificate that trickles bytes cannot keep a thread for ever."""
+    monkeypatch.setattr(server_mod, "HANDSHAKE_DEADLINE", 1.0)
+    with socket.create_connection(("127.0.0.1", remote.port), timeout=5) as s:
+        s.sendall(b"\x16")  # the first byte of a TLS record, then nothing more
+        start = time.monotonic()
+        assert _closed_by_server(s, within=8)
+        assert time.monotonic() - start < 6
+    assert remote.as_("admin").request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
+
+
+def test_connections_beyond_the_limit_are_closed_on_arrival(remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_mod, "HANDSHAKE_DEADLINE", 30.0)
+    monkeypatch.setattr(remote.server, "max_connections", 3)
+    stalled = [socket.create_connection(("127.0.0.1", remote.port), timeout=5) for _ in range(3)]
+    try:
+        time.sleep(0.5)  # let the server accept them
+        with socket.create_connection(("127.0.0.1", remote.port), timeout=5) as extra:
+            assert _closed_by_server(extra, within=5), "the 4th connection must be refused"
+        for s in stalled:
+            assert not _closed_by_server(s, within=0.2), "the first three are still being served"
+    finally:
+        for s in stalled:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # the three slots come back once their handshakes fail
+        try:
+            assert remote.as_("admin").request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
+            break
+        except ApiUnreachable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

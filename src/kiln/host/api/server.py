@@ -37,6 +37,7 @@ SOCKET = Path("/run/kiln/api.sock")
 REMOTE_CONFIG = Path("/etc/kiln/api-remote.json")
 DEFAULT_REMOTE_PORT = 50000
 CLIENT_TIMEOUT = 30.0
+HANDSHAKE_DEADLINE = 10.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -131,10 +132,43 @@ class _ServerMixin(socketserver.ThreadingMixIn):
     # socketserver's default backlog is 5: a 6th client connecting at once to a Unix socket
     # gets EAGAIN, not a wait (systemd's socket unit uses SOMAXCONN; match it when we bind).
     request_queue_size = socket.SOMAXCONN
+    # At most this many connections are served at once; more are closed on arrival, so idle
+    # or stalled peers cannot pile up threads (the remote listener faces the network).
+    max_connections = 64
     api: Api
+    _slots: threading.BoundedSemaphore | None = None
+    _slots_for = 0
 
     def role_of(self, conn: socket.socket) -> str | None:
         return "admin"  # the local socket: its mode and group are the access control
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._slots is None or self._slots_for != self.max_connections:
+            self._slots, self._slots_for = threading.BoundedSemaphore(self.max_connections), self.max_connections
+        slots = self._slots
+        if not slots.acquire(blocking=False):
+            log.warning("%d connections already open: closing a new one", self.max_connections)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        self._held[id(request)] = slots  # released into the semaphore it was taken from
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._held.pop(id(request)).release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._held.pop(id(request)).release()
+
+    @property
+    def _held(self) -> dict[int, threading.BoundedSemaphore]:
+        held: dict[int, threading.BoundedSemaphore] | None = self.__dict__.get("_held_slots")
+        if held is None:
+            held = self.__dict__["_held_slots"] = {}
+        return held
 
 
 class LocalServer(_ServerMixin, socketserver.UnixStreamServer):
@@ -170,11 +204,16 @@ class RemoteServer(_ServerMixin, socketserver.TCPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(CLIENT_TIMEOUT)
+        # The timeout is per receive; a peer sending a byte now and then would never hit it.
+        # The handshake (before any certificate is seen) gets a deadline for the whole of it.
+        cutter = _HandshakeDeadline(request.fileno())
         try:
             tls = self.ctx.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
             log.info("TLS handshake with %s refused: %s", client_address, e)
             return
+        finally:
+            cutter.done()
         try:
             super().finish_request(tls, client_address)
         finally:
@@ -186,6 +225,38 @@ class RemoteServer(_ServerMixin, socketserver.TCPServer):
 
         ident = peer_identity(conn) if isinstance(conn, ssl.SSLSocket) else None
         return None if ident is None else ident[1]
+
+
+class _HandshakeDeadline:
+    """Shut a connection down if its handshake is still running after HANDSHAKE_DEADLINE.
+
+    Works on the file descriptor: wrap_socket detaches the original socket object. The lock
+    makes sure the descriptor is only touched while the handshake (which owns it) runs.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.finished = False
+        self.timer = threading.Timer(HANDSHAKE_DEADLINE, self._cut)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _cut(self) -> None:
+        with self.lock:
+            if self.finished:
+                return
+            s = socket.socket(fileno=self.fd)
+            try:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            finally:
+                s.detach()  # the handshake's socket still owns (and closes) the descriptor
+
+    def done(self) -> None:
+        with self.lock:
+            self.finished = True
+        self.timer.cancel()
 
 
 def activated_fd() -> int | None:
