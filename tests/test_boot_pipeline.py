@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
 from kiln.build.settings import merge_defaults
@@ -495,3 +496,23 @@ def test_first_boot_user_data_is_marked_done_only_after_its_commit(
     assert record["user-data"] == {"local-file": f"applied from {local}"}
     assert Datastore(tmp_path / "ds").live()["motd"] == "from user data"
     assert json.loads((tmp_path / "user-data-state" / "early.json").read_text()) == record["user-data"]
+
+
+def test_definitions_come_from_the_image_every_boot(tmp_path: Path) -> None:
+    """A restart command planted on PRIVATE does not survive the next boot."""
+    doc = merge_defaults((ROOT / "variants/settings/defaults.toml",))
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps(doc))
+    image_defs = tmp_path / "definitions.json"
+    from kiln.host.datastore import encode_definitions
+
+    image_defs.write_bytes(encode_definitions(msgspec.to_builtins(definitions.from_defaults(doc))))
+    store = storewolf.run(tmp_path / "ds", defaults, "1.0.0", image_defs)
+    live_defs = store.version_dir / "live" / "definitions.json"
+    assert live_defs.read_bytes() == image_defs.read_bytes()
+    tampered = json.loads(live_defs.read_text())
+    tampered["services"]["motd"]["restart-commands"] = ["/bin/sh -c 'touch /tmp/owned'"]
+    live_defs.write_text(json.dumps(tampered))
+    storewolf.run(tmp_path / "ds", defaults, "1.0.0", image_defs)
+    assert live_defs.read_bytes() == image_defs.read_bytes()
+    assert store.definitions().services["motd"].restart_commands == []

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from kiln.core.errors import KilnError
+from kiln.host.datastore import encode_definitions
 from kiln.host.render.cache import PATHS_LIST
 from kiln.host.render.templates import COMPILED_DIR, TEMPLATE_DIR, TemplateError, compile_all, split
 from kiln.host.settings import definitions
@@ -26,6 +27,7 @@ from kiln.host.settings.model import InvalidSettings, validate
 from kiln.variant import Variant
 
 DEFAULTS_PATH = Path("/usr/share/kiln/defaults.json")
+DEFINITIONS_PATH = Path("/usr/share/kiln/definitions.json")
 _TOP = ("settings", "metadata", "services", "configuration-files")
 
 
@@ -89,6 +91,8 @@ def install(root: Path, variant: Variant) -> definitions.Definitions:
         raise KilnError(f"settings templates: {e}") from None
     out = root / DEFAULTS_PATH.relative_to("/")
     out.write_text(json.dumps(doc, sort_keys=True, indent=1) + "\n")
+    # What storewolf installs into the datastore every boot, byte for byte.
+    (root / DEFINITIONS_PATH.relative_to("/")).write_bytes(encode_definitions(msgspec.to_builtins(defs)))
     # The files the initramfs may restore from the render cache (kiln.host.render.cache).
     paths = sorted(cf.path for cf in defs.configuration_files.values() if cf.path.startswith("/etc/"))
     (root / PATHS_LIST.relative_to("/")).write_text("".join(f"{p}\n" for p in paths))

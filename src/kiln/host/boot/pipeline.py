@@ -38,7 +38,9 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
         record["steps"][name] = round(time.monotonic() - t0, 3)
 
     t0 = time.monotonic()
-    store: Datastore = storewolf.run(store_root, defaults, os_release().get("version_id", "0"))
+    store: Datastore = storewolf.run(
+        store_root, defaults, os_release().get("version_id", "0"), storewolf.DEFINITIONS
+    )
     timed("storewolf", t0)
     t0 = time.monotonic()
     if not USER_DATA_MARKER.exists():  # first boot: only then import the providers

@@ -8,16 +8,15 @@ transaction. Live values are never overwritten: what a user set stays set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from kiln.core.fs import atomic_write
 from kiln.host.datastore import LAUNCH_TX, Datastore
 from kiln.host.settings.keys import flatten, get_path, unflatten
 
 DEFAULTS = Path("/usr/share/kiln/defaults.json")
+DEFINITIONS = Path("/usr/share/kiln/definitions.json")
 
 
 def missing_defaults(defaults: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
@@ -36,20 +35,20 @@ def missing_defaults(defaults: dict[str, Any], live: dict[str, Any]) -> dict[str
     return unflatten((p, v) for p, v in flatten(defaults) if not populated(p))
 
 
-def run(store_root: Path, defaults_path: Path, version: str) -> Datastore:
+def run(store_root: Path, defaults_path: Path, version: str, definitions_path: Path | None = None) -> Datastore:
+    """`definitions_path`: the image's definitions.json, made at build time (None: derive them)."""
     store = Datastore.create(store_root, version)
     store.remove_stale_temporaries()
     store.discard_all()
-    raw = defaults_path.read_bytes()
-    doc = json.loads(raw)
-    # Definitions change only with the image: skip the model (msgspec) when they are current.
-    marker = store.version_dir / "live" / "definitions.source"
-    digest = hashlib.sha256(raw).hexdigest()
-    if not marker.exists() or marker.read_text() != digest:
+    doc = json.loads(defaults_path.read_bytes())
+    # The services and their restart commands come from the verified image, every boot:
+    # PRIVATE is writable, and what it says a service runs must not be trusted over the image.
+    if definitions_path is not None and definitions_path.exists():
+        store.install_definitions(definitions_path.read_bytes())  # bytes: no model import
+    else:
         from kiln.host.settings import definitions
 
         store.set_definitions(definitions.from_defaults(doc))
-        atomic_write(marker, digest.encode(), mode=0o640)
     missing = missing_defaults(doc.get("settings", {}), store.live())
     if missing:
         store.patch(missing, LAUNCH_TX)
@@ -59,7 +58,7 @@ def run(store_root: Path, defaults_path: Path, version: str) -> Datastore:
 def main() -> int:
     from kiln.host.osinfo import os_release
 
-    run(Path("/var/lib/kiln/datastore"), DEFAULTS, os_release().get("version_id", "0"))
+    run(Path("/var/lib/kiln/datastore"), DEFAULTS, os_release().get("version_id", "0"), DEFINITIONS)
     return 0
 
 

@@ -61,6 +61,11 @@ class NothingPending(DatastoreError):
     status = 409
 
 
+def encode_definitions(tree: Tree) -> bytes:
+    """The one byte form of definitions, so the image's copy and the store's compare equal."""
+    return json.dumps(tree, sort_keys=True, indent=1).encode() + b"\n"
+
+
 class Datastore:
     def __init__(self, root: Path = DEFAULT_ROOT) -> None:
         self.root = Path(root)
@@ -229,5 +234,15 @@ class Datastore:
     def set_definitions(self, value: defs.Definitions) -> None:
         import msgspec
 
+        self.install_definitions(encode_definitions(msgspec.to_builtins(value)))
+
+    def install_definitions(self, data: bytes) -> None:
+        """Replace the definitions with `data` (the image's definitions.json) unless identical."""
+        path = self.version_dir / "live" / "definitions.json"
         with self._writing():
-            self._write(self.version_dir / "live" / "definitions.json", msgspec.to_builtins(value))
+            try:
+                if path.read_bytes() == data:
+                    return
+            except FileNotFoundError:
+                pass
+            atomic_write(path, data, mode=0o640)

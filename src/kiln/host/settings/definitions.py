@@ -26,7 +26,8 @@ from msgspec import Meta, Struct
 
 from kiln.host.settings.keys import format_key, is_prefix, parse_key
 
-AbsPath = Annotated[str, Meta(pattern=r"^/[^\0]*$")]
+# Absolute and normal: no empty, `.` or `..` segments (the initramfs restores these paths).
+AbsPath = Annotated[str, Meta(pattern=r"^(/(?!\.\.?(/|$))[^/\0]+)+$")]
 METADATA_KEYS = ("affected-services", "setting-generator")
 
 
