@@ -218,11 +218,14 @@ def test_definitions_round_trip(store: Datastore) -> None:
 # -- crashes and concurrent writers -----------------------------------------------------------
 
 
-def big_state(tag: str, n: int = 1500) -> dict[str, Any]:
-    """A large settings tree; A and B have the same keys and different values everywhere."""
+def big_state(tag: str, n: int = 250) -> dict[str, Any]:
+    """A large settings tree (~200 KiB committed); A and B differ in every value.
+
+    Both states' sysctl keys end up live (a commit merges), within the model's 512 entries.
+    """
     return {
         "motd": f"state {tag}",
-        "kernel": {"sysctl": {f"k{i}.{tag.lower()}x": tag * 40 for i in range(n)} | {"shared.key": tag}},
+        "kernel": {"sysctl": {f"k{i}.{tag.lower()}x": tag * 400 for i in range(n)} | {"shared.key": tag}},
         "ntp": {"time-servers": [f"{tag}{i}.example.com" for i in range(32)]},
     }
 

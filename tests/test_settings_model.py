@@ -89,7 +89,8 @@ def test_the_real_defaults_validate() -> None:
         # lists: the index of the bad element
         ({"ntp": {"time-servers": "pool.ntp.org"}}, "settings.ntp.time-servers", "expected array, got str"),
         ({"ntp": {"time-servers": ["a", 3]}}, "settings.ntp.time-servers[1]", "expected str, got int"),
-        ({"ntp": {"time-servers": ["a", "b", ""]}}, "settings.ntp.time-servers[2]", "expected str of length >= 1"),
+        ({"ntp": {"time-servers": ["a", "b", ""]}}, "settings.ntp.time-servers[2]",
+         "expected a host name or an IP address"),
         ({"ntp": {"time-servers": ["a"] * 33}}, "settings.ntp.time-servers", "expected array of length <= 32"),
     ],
 )
@@ -181,3 +182,25 @@ def test_the_root_must_be_a_table(tree: Any) -> None:
     e = rejected(tree)
     assert e.path == "settings"
     assert e.detail.startswith("expected a table of settings")
+
+
+@pytest.mark.parametrize(
+    ("tree", "path", "detail"),
+    [
+        # Values are written into configuration files: no line breaks to inject lines with.
+        ({"ntp": {"time-servers": ["pool.example\nNTP=evil"]}}, "settings.ntp.time-servers[0]",
+         "expected a host name or an IP address"),
+        ({"kernel": {"sysctl": {"vm.swappiness": "1\nkernel.kptr_restrict = 0"}}},
+         'settings.kernel.sysctl."vm.swappiness"', "expected a value on one line"),
+        ({"host-containers": {"admin": {"source": "img\nx"}}}, "settings.host-containers.admin.source",
+         "expected one word (no spaces or line breaks)"),
+        # Maps are bounded: a huge map cannot make validation (or its error search) slow.
+        ({"kernel": {"sysctl": {f"k{i}": "1" for i in range(513)}}}, "settings.kernel.sysctl",
+         "expected object of length <= 512"),
+        ({"bootstrap-containers": {f"c{i}": {} for i in range(65)}}, "settings.bootstrap-containers",
+         "expected object of length <= 64"),
+    ],
+)
+def test_values_that_would_inject_lines_or_grow_without_bound(tree: dict[str, Any], path: str, detail: str) -> None:
+    e = rejected(tree)
+    assert (e.path, e.detail) == (path, detail)

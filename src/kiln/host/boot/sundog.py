@@ -15,17 +15,9 @@ from typing import Any
 from kiln.core.errors import KilnError
 from kiln.host.boot.console import say
 from kiln.host.datastore import LAUNCH_TX, Datastore
-from kiln.host.settings.keys import get_path, merge, parse_key, set_path
+from kiln.host.settings.keys import has_path, merge, parse_key, set_path
 
 TIMEOUT = 60.0
-
-
-def _populated(tree: dict[str, Any], path: tuple[str, ...]) -> bool:
-    try:
-        get_path(tree, path)
-    except LookupError:
-        return False
-    return True
 
 
 def generate(command: str, timeout: float = TIMEOUT) -> Any:
@@ -46,7 +38,7 @@ def run(store: Datastore, timeout: float = TIMEOUT) -> dict[str, str]:
     generators: dict[str, str] = store.raw_definitions().get("setting-generators", {})
     for key, command in sorted(generators.items()):
         path = parse_key(key)[1:]  # drop the leading `settings`
-        if _populated(current, path):
+        if has_path(current, path):
             report[key] = "populated"
             continue
         try:

@@ -69,7 +69,7 @@ def encode_definitions(tree: Tree) -> bytes:
 class Datastore:
     def __init__(self, root: Path = DEFAULT_ROOT) -> None:
         self.root = Path(root)
-        self._shared: tuple[tuple[int, int, int], Tree] | None = None
+        self._shared: tuple[tuple[int, int, int, int], Tree] | None = None
 
     # -- layout ------------------------------------------------------------------------
 
@@ -142,14 +142,14 @@ class Datastore:
         """The live settings as a tree shared between readers: never modify it.
 
         For the API's GETs: one stat() instead of open, read and parse when nothing changed.
-        A commit replaces the file by rename, so (inode, size, mtime) tells a new version.
+        A commit replaces the file by rename: (inode, size, mtime, ctime) tells a new version.
         """
         path = self.root / "current" / "live" / "settings.json"
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return self.live()  # no datastore (a clear error) or no settings yet
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         cached = self._shared
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -26,7 +26,7 @@ from kiln.host.datastore import Datastore
 from kiln.host.osinfo import os_release
 from kiln.host.render.cache import RenderCache, digest, file_hash, os_release_bytes
 from kiln.host.render.templates import TemplateError, Templates
-from kiln.host.settings.keys import get_path
+from kiln.host.settings.keys import has_path
 
 log = logging.getLogger("kiln.render")
 RESTART_TIMEOUT = 60.0
@@ -98,7 +98,7 @@ def _apply(
         target = root / cf.path.lstrip("/")
         try:
             fm = templates.front_matter(cf.template_path)
-            if any(not _has(settings, k) for k in fm.requires):
+            if any(not has_path({"settings": settings}, k) for k in fm.requires):
                 if target.exists():
                     target.unlink()
                     report.removed.append(cf.path)
@@ -130,14 +130,6 @@ def _apply(
     for problem in [*report.errors, *report.failed_restarts]:
         log.error("%s", problem)
     return report
-
-
-def _has(settings: dict[str, Any], key: tuple[str, ...]) -> bool:
-    try:
-        get_path({"settings": settings}, key)
-    except LookupError:
-        return False
-    return True
 
 
 def _restart(service: str, commands: list[str], report: ApplyReport) -> None:

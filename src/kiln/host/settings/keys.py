@@ -101,6 +101,15 @@ def get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
+def has_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether `path` (a leaf or a subtree) exists in `tree`."""
+    try:
+        get_path(tree, path)
+    except LookupError:
+        return False
+    return True
+
+
 def merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> Tree:
     """A new tree: `patch` over `base`. Tables merge key by key; any other value replaces.
 

@@ -28,6 +28,10 @@ Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 SysctlName = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$", max_length=256)]
+SysctlValue = Annotated[str, Meta(pattern=r"^[^\n\r\x00]*$", max_length=4096)]
+TimeServer = Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:\[\]-]{1,253}$")]
+OneLine = Annotated[str, Meta(pattern=r"^\S+$", max_length=1024)]
+Base64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/=\s]*$", max_length=65536)]
 Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
 
 
@@ -40,11 +44,11 @@ class Network(_S):
 
 
 class Ntp(_S):
-    time_servers: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=32)] | None = None
+    time_servers: Annotated[list[TimeServer], Meta(max_length=32)] | None = None
 
 
 class Kernel(_S):
-    sysctl: dict[SysctlName, str] | None = None
+    sysctl: Annotated[dict[SysctlName, SysctlValue], Meta(max_length=512)] | None = None
     lockdown: Literal["none", "integrity", "confidentiality"] | None = None
 
 
@@ -57,17 +61,17 @@ class Updates(_S):
 
 
 class HostContainer(_S):
-    source: str | None = None
+    source: OneLine | None = None
     enabled: bool | None = None
     superpowered: bool | None = None
-    user_data: str | None = None
+    user_data: Base64 | None = None
 
 
 class BootstrapContainer(_S):
-    source: str | None = None
+    source: OneLine | None = None
     mode: Literal["off", "once", "always"] | None = None
     essential: bool | None = None
-    user_data: str | None = None
+    user_data: Base64 | None = None
 
 
 class ApiRemote(_S):
@@ -88,8 +92,8 @@ class Settings(_S):
     ntp: Ntp | None = None
     kernel: Kernel | None = None
     updates: Updates | None = None
-    host_containers: dict[Name, HostContainer] | None = None
-    bootstrap_containers: dict[Name, BootstrapContainer] | None = None
+    host_containers: Annotated[dict[Name, HostContainer], Meta(max_length=64)] | None = None
+    bootstrap_containers: Annotated[dict[Name, BootstrapContainer], Meta(max_length=64)] | None = None
     api: Api | None = None
 
 
@@ -103,6 +107,10 @@ _PATTERNS = {
     Name: "a name of lowercase letters, digits and '-' (at most 63)",
     Pem: "a PEM block",
     SysctlName: "a sysctl name (lowercase letters, digits, '_', '-', '.', '/')",
+    SysctlValue: "a value on one line",
+    TimeServer: "a host name or an IP address",
+    OneLine: "one word (no spaces or line breaks)",
+    Base64: "base64 text",
 }
 
 
