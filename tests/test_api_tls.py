@@ -254,3 +254,19 @@ def test_connections_beyond_the_limit_are_closed_on_arrival(remote: Remote, monk
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_node_tls_material_that_does_not_load_is_refused(remote: Remote) -> None:
+    """A mismatched key would stop the remote listener for good: refuse it before it is stored."""
+    admin = remote.as_("admin")
+    good = {n: (remote.fleet / f).read_text() for n, f in
+            (("ca", "ca.crt"), ("certificate", "node.crt"), ("key", "node.key"))}
+    wrong_key = (remote.other / "node.key").read_text()
+    with pytest.raises(ApiRefused) as refused:
+        admin.request("PATCH", "/settings?tx=tls", {"api": {"remote": {**good, "key": wrong_key}}})
+    assert refused.value.status == 400
+    assert refused.value.body["path"] == "settings.api.remote"
+    assert "do not load" in refused.value.body["detail"]
+    assert admin.request("GET", "/tx?tx=tls") == {}
+    admin.request("PATCH", "/settings?tx=tls", {"api": {"remote": good}})
+    admin.request("DELETE", "/tx?tx=tls")

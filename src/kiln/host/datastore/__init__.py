@@ -182,12 +182,15 @@ class Datastore:
 
     def patch(self, tree: Any, tx: str = DEFAULT_TX) -> None:
         """Add `tree` to transaction `tx`; the result (live + pending) must be valid settings."""
-        from kiln.host.settings.model import validate
+        from kiln.host.settings.model import check_remote_tls, validate
 
         validate(tree)  # the patch alone: its own errors name its own keys
         with self._writing():
             pending = merge(self.pending(tx), tree)
-            validate(merge(self.live(), pending))
+            result = merge(self.live(), pending)
+            validate(result)
+            if isinstance(tree, dict) and "remote" in (tree.get("api") or {}):
+                check_remote_tls(result)
             path = self._pending_path(tx)
             path.parent.mkdir(exist_ok=True)
             self._write(path, pending)

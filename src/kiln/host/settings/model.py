@@ -192,3 +192,23 @@ def to_tree(settings: Settings) -> dict[str, Any]:
     """Back to plain JSON-able nested dicts, unset fields omitted."""
     out: dict[str, Any] = msgspec.to_builtins(settings)
     return out
+
+
+def check_remote_tls(tree: dict[str, Any]) -> None:
+    """The node's TLS material must load together, or the remote listener would not start.
+
+    A host reached only over the remote API would lock its admins out: refuse the change
+    instead (run when a patch touches settings.api.remote).
+    """
+    remote = tree.get("api", {}).get("remote", {})
+    material = [remote.get(k) for k in ("ca", "certificate", "key")]
+    if not all(material):
+        return
+    from kiln.core.errors import KilnError
+    from kiln.host.api.tls import server_context
+
+    try:
+        server_context(*material)
+    except KilnError as e:
+        raise InvalidSettings(str(e).split(": ", 1)[-1], "settings.api.remote") from None
+
