@@ -550,7 +550,7 @@ def test_commit_and_apply_renders_under_render_root(call: Caller, host: ApiHost)
 
 def test_apply_everything_and_by_keys(call: Caller, host: ApiHost) -> None:
     everything = call.ok("POST", "/tx/apply")
-    assert everything["services"] == ["api-remote", "hostname", "motd", "ntp", "sysctl"]
+    assert everything["services"] == ["api-remote", "hostname", "lockdown", "motd", "ntp", "sysctl"]
     assert "/etc/hostname" not in everything["written"]  # requires network.hostname, which is unset
     assert (host.render_root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text().endswith(
         "NTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org\n")
@@ -636,14 +636,14 @@ def test_metadata(call: Caller) -> None:
     assert set(generators) == {"settings.network.hostname", "settings.updates.seed"}
     assert "/dev/urandom" in generators["settings.updates.seed"]
     templates = call.ok("GET", "/metadata/templates")
-    assert templates == {n: n for n in ("api-remote", "hostname", "hosts", "motd", "sysctl", "timesyncd")}
+    assert templates == {n: n for n in ("api-remote", "hostname", "hosts", "lockdown", "motd", "sysctl", "timesyncd")}
     assert call.ok("GET", "/metadata/templates?keys=network.hostname,ntp") == {
         "settings.network.hostname": ["hostname", "hosts"], "settings.ntp": ["timesyncd"]}
 
 
 def test_services_and_configuration_files(call: Caller) -> None:
     services = call.ok("GET", "/services")
-    assert set(services) == {"api-remote", "hostname", "motd", "ntp", "sysctl"}
+    assert set(services) == {"api-remote", "hostname", "lockdown", "motd", "ntp", "sysctl"}
     assert services["hostname"]["configuration-files"] == ["hostname", "hosts"]
     assert call.ok("GET", "/services?names=motd") == {"motd": {"configuration-files": ["motd"],
                                                                 "restart-commands": []}}

@@ -30,7 +30,22 @@ from kiln.variant import load_variant
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DEFAULTS = ROOT / "variants/settings/defaults.toml"
 REAL_TEMPLATES = ROOT / "variants/settings/templates"
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def _node_material() -> tuple[str, str, str]:
+    """Real node TLS material (the datastore refuses material that does not load together)."""
+    import tempfile
+
+    from kiln import pki
+
+    with tempfile.TemporaryDirectory(prefix="kiln-test-pki-") as tmp:
+        fleet = Path(tmp) / "fleet"
+        pki.init(fleet)
+        ca, cert, key = ((fleet / n).read_text() for n in ("ca.crt", "node.crt", "node.key"))
+    return ca, cert, key
+
+
+CA, CERT, KEY = _node_material()
 
 # -- front matter ---------------------------------------------------------------------------
 
@@ -300,11 +315,11 @@ def test_real_templates_with_settings(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("remote", "expected"),
     [
-        ({"ca": PEM, "certificate": PEM}, None),  # no key: not configured
-        ({"ca": PEM, "certificate": PEM, "key": PEM}, 50000),
-        ({"ca": PEM, "certificate": PEM, "key": PEM, "port": 8443}, 8443),
-        ({"ca": PEM, "certificate": PEM, "key": PEM, "enabled": True}, 50000),
-        ({"ca": PEM, "certificate": PEM, "key": PEM, "enabled": False}, None),
+        ({"ca": CA, "certificate": CERT}, None),  # no key: not configured
+        ({"ca": CA, "certificate": CERT, "key": KEY}, 50000),
+        ({"ca": CA, "certificate": CERT, "key": KEY, "port": 8443}, 8443),
+        ({"ca": CA, "certificate": CERT, "key": KEY, "enabled": True}, 50000),
+        ({"ca": CA, "certificate": CERT, "key": KEY, "enabled": False}, None),
         ({"port": 8443}, None),
     ],
 )
@@ -314,13 +329,13 @@ def test_real_api_remote(tmp_path: Path, remote: dict[str, Any], expected: int |
     if expected is None:
         assert text == ""
     else:
-        assert json.loads(text) == {"port": expected, "ca": PEM, "certificate": PEM, "key": PEM}
+        assert json.loads(text) == {"port": expected, "ca": CA, "certificate": CERT, "key": KEY}
 
 
 CONTEXTS: list[dict[str, Any]] = [
     {},
     {"network": {"hostname": "h"}, "motd": "a 'quoted' \"motd\" with {{ braces }} & <html>"},
-    {"api": {"remote": {"ca": PEM, "certificate": PEM, "key": PEM, "port": 1}}},
+    {"api": {"remote": {"ca": CA, "certificate": CERT, "key": KEY, "port": 1}}},
     {"kernel": {"sysctl": {"z.last": "1", "a.first": "0"}}, "ntp": {"time-servers": ["x", "y", "z"]}},
 ]
 

@@ -203,6 +203,7 @@ def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None
         "kiln-grow-data.service",
         "kiln-apiserver.socket",
         "kiln-api-remote.service",
+        "kiln-lockdown.service",
     ]
     if debug_console:
         units.append("kiln-debug-shell.service")
