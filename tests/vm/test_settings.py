@@ -79,6 +79,11 @@ time-servers = ["10.0.2.2"]
     assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
     assert vm.check("cat /proc/sys/vm/swappiness").strip() == "23"
     assert "127.0.1.1 renamed-node" in vm.check("cat /etc/hosts")
+    # Kernel lockdown: one way, raised live, and again on every later boot.
+    assert "[none]" in vm.check("cat /sys/kernel/security/lockdown")
+    locked = kiln(*remote, "settings", "set", "kernel.lockdown=integrity")
+    assert locked.returncode == 0, locked.stderr
+    assert "[integrity]" in vm.check("cat /sys/kernel/security/lockdown")
 
     # A reader may look but not touch; the node's key stays hidden from it.
     reader = [*remote, "--client", "auditor"]
@@ -95,6 +100,7 @@ time-servers = ["10.0.2.2"]
     vm.wait_shell()
     assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
     assert vm.check("cat /proc/sys/vm/swappiness").strip() == "23"
+    assert "[integrity]" in vm.check("cat /sys/kernel/security/lockdown")
     assert "user data applied" not in vm.output[since:]
     # Nothing changed since the last apply: the initramfs restored the rendered files and the
     # pipeline rendered and restarted nothing.
