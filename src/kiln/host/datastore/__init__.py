@@ -18,15 +18,13 @@ store as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.core.fs import atomic_write, fsync_dir
+from kiln.core.fs import atomic_write, exclusive_lock, fsync_dir
 from kiln.host.settings.keys import Tree, changed_keys, merge
 
 if TYPE_CHECKING:
@@ -103,16 +101,9 @@ class Datastore:
             raise DatastoreError(f"no datastore at {self.root} (kiln-settings.service creates it at boot)")
         return cur
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """One writer at a time, across threads and processes (flock per open file)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """One writer at a time, across threads and processes."""
+        return exclusive_lock(self.root / "lock")
 
     def _read(self, path: Path) -> Tree:
         try:

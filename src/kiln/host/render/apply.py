@@ -9,18 +9,15 @@ a failure is reported and does not stop the other services.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shlex
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kiln.core.errors import KilnError
-from kiln.core.fs import atomic_write
+from kiln.core.fs import atomic_write, exclusive_lock
 from kiln.core.run import run
 from kiln.host.datastore import Datastore
 from kiln.host.osinfo import os_release
@@ -61,19 +58,8 @@ def apply(
     failed one invalidates it, so the next boot renders everything once.
     One apply at a time on the host (an flock beside the datastore), whichever process runs it.
     """
-    with _one_apply(store):
+    with exclusive_lock(store.root / "apply.lock"):
         return _apply(store, keys, templates or Templates(), root, restart, cache)
-
-
-@contextlib.contextmanager
-def _one_apply(store: Datastore) -> Iterator[None]:
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.root / "apply.lock", os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _apply(
