@@ -48,7 +48,8 @@ time-servers = ["10.0.2.2"]
 """)
     port = free_port()
     with sntp_server() as ntp_clients:
-        vm = boot(build.disk, user_data=user_data, forwards=(Forward(port, 50000),))
+        disk = raw_copy(build.disk, tmp_path / "disk.img")  # the second boot is a new QEMU on it
+        vm = boot(disk, overlay=False, user_data=user_data, forwards=(Forward(port, 50000),))
         vm.wait_for(r"kiln: user data applied from config drive", 240)
         vm.wait_ready(240)
         vm.wait_shell()
@@ -94,8 +95,11 @@ time-servers = ["10.0.2.2"]
     assert vm.check("cat /etc/motd").strip() == "Configured by user data"
 
     # Settings survive a reboot; user data is not applied a second time.
-    since = vm.mark()
-    vm.send("reboot\n")
+    # Power off and boot again in a new QEMU (its warm reset hangs now and then under TCG after
+    # this test's run; the A/B tests cover warm reboots). The config drive stays attached.
+    assert vm.shutdown(timeout=120), "the guest did not power off"
+    vm = boot(disk, overlay=False, user_data=user_data, forwards=(Forward(port, 50000),))
+    since = 0
     vm.wait_ready(300)
     vm.wait_shell()
     assert vm.check("cat /proc/sys/kernel/hostname").strip() == "renamed-node"
