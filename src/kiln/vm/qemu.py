@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,6 @@ from kiln.core.run import run, which
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-RESET_STALL = 90.0  # seconds of silence after the guest resets before the harness resets QEMU
 READY_RE = re.compile(r"kiln: ready version=(\S+) variant=(\S+) slot=([AB])")
 
 
@@ -138,9 +136,6 @@ class Vm:
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
         self._buf = ""
-        self._last_output = time.monotonic()
-        self._kicked_at = -1
-        self.reset_kicks = 0
         self._pos = 0  # wait_for searches from here
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
@@ -191,7 +186,6 @@ class Vm:
                     self.echo.flush()
                 with self._cond:
                     self._buf += text
-                    self._last_output = time.monotonic()
                     self._cond.notify_all()
         finally:
             if log:
@@ -256,28 +250,7 @@ class Vm:
                     tail = self._buf[-3000:]
                     why = "timed out" if left <= 0 else "QEMU exited"
                     raise KilnError(f"{why} waiting for {rx.pattern!r} on the serial console; last output:\n{tail}")
-                self._kick_stalled_reset()
                 self._cond.wait(min(left, 1.0))
-
-    def _kick_stalled_reset(self) -> None:
-        """Work around QEMU (7.2, TCG) sometimes hanging in a guest-initiated reset.
-
-        Seen once in ~20 warm reboots: the kernel prints "reboot: Restarting system" and then
-        the firmware never prints a line. Nothing of Kiln's runs between those two points, so
-        after RESET_STALL seconds of silence the harness resets the machine itself (QMP
-        system_reset), once per reboot, and says so on stderr and in `reset_kicks`.
-        """
-        at = self._buf.rfind("reboot: Restarting system")
-        if at < 0 or at <= self._kicked_at or self._buf[at:].count("\n") > 1:
-            return
-        if time.monotonic() - self._last_output < RESET_STALL:
-            return
-        self._kicked_at = at
-        self.reset_kicks += 1
-        print(f"kiln.vm: no output {RESET_STALL:.0f} s after the guest's reset; QEMU seems stuck, "
-              "sending system_reset", file=sys.stderr, flush=True)
-        with contextlib.suppress(OSError, ValueError):
-            qmp(self.cfg.workdir / "qmp.sock", "system_reset")
 
     def wait_ready(self, timeout: float = 180) -> re.Match[str]:
         self._shell_ok = False
