@@ -45,3 +45,34 @@ def install_to_inactive(disk: Path, artifacts: Path, *, active: str = "A",
     if upgrade:
         slots.apply("upgrade-to-inactive")
     return target
+
+
+def fake_release(dest: Path, version: str, *, variant: str = "container-host", root_mib: int = 4,
+                 seed: int = 0) -> Path:
+    """A build's `artifacts/` directory (same writer, same manifest) for small made-up
+    boot/root images with a real verity tree: what `kiln repo add` publishes, without a
+    full image build. Returns the artifacts directory."""
+    import hashlib
+    import random
+    import uuid
+
+    from kiln.build.pipeline import write_artifacts
+    from kiln.image import verity
+
+    rng = random.Random(f"{variant}-{version}-{seed}")
+    work = dest.parent / f".{dest.name}-images"
+    work.mkdir(parents=True, exist_ok=True)
+    images = {key: work / f"{key}.img" for key in ("boot", "root", "hash")}
+    images["boot"].write_bytes(f"boot {variant} {version}\n".encode().ljust(64 * 1024, b"\0"))
+    # Compressible but not trivially: zstd must do real work on the way back.
+    block = bytes(rng.getrandbits(8) for _ in range(4096))
+    with images["root"].open("wb") as f:
+        for i in range(root_mib * 256):
+            f.write(block[i % 64:] + block[: i % 64])
+    salt = hashlib.sha256(f"salt-{version}".encode()).digest()
+    vres = verity.build_hash_tree(images["root"], images["hash"], salt=salt, uuid=uuid.UUID(int=seed + 1))
+    write_artifacts(dest, variant, version, vres, images, "6.1.0-test-cloud-amd64", f"test{version}")
+    for p in images.values():
+        p.unlink()
+    work.rmdir()
+    return dest

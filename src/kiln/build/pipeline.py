@@ -169,9 +169,10 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
                     disk_path, v, build_id, {"efi": esp_img, "boot": boot_img, "root": root_img, "hash": hash_img}
                 )
             with progress.step("artifacts", "compressed update images"):
-                manifest = _artifacts(
+                manifest = write_artifacts(
                     out / "artifacts",
-                    v,
+                    v.name,
+                    v.version,
                     vres,
                     {"boot": boot_img, "root": root_img, "hash": hash_img},
                     krn.release,
@@ -202,15 +203,16 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _artifacts(
-    dest: Path, v: Variant, vres: verity.VerityResult, images: dict[str, Path], kver: str, build_id: str
+def write_artifacts(
+    dest: Path, variant: str, version: str, vres: verity.VerityResult, images: dict[str, Path], kver: str, build_id: str
 ) -> dict[str, Any]:
-    """Compressed boot/root/hash images plus a manifest an update agent can check."""
+    """Compressed boot/root/hash images plus a manifest an update agent can check
+    (`kiln repo add` publishes this directory)."""
     dest.mkdir(parents=True)
     entries: dict[str, Any] = {}
     names: dict[str, str] = {}
     for key, src in images.items():
-        name = f"kiln-{v.name}-{ARCH}-{v.version}-{key}.img.zst"
+        name = f"kiln-{variant}-{ARCH}-{version}-{key}.img.zst"
         tools.zstd(src, dest / name)
         names[key] = name
         entries[key] = {
@@ -221,9 +223,9 @@ def _artifacts(
             "uncompressed_sha256": _sha256(src),
         }
     manifest = {
-        "variant": v.name,
+        "variant": variant,
         "arch": ARCH,
-        "version": v.version,
+        "version": version,
         "build_id": build_id,
         "kernel": kver,
         "compression": "zstd",

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid as uuid_mod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kiln.core.errors import KilnError
 
@@ -90,6 +92,49 @@ def _pad(digests: bytearray, block_size: int) -> bytearray:
     return digests
 
 
+def _tree(
+    chunks: Iterable[bytes], data_blocks: int, salt: bytes, block_size: int, where: str
+) -> tuple[list[bytearray], str]:
+    """Hash levels (bottom first, each zero-padded to whole blocks) and the root hash of
+    the data given as `chunks` (whole blocks, `data_blocks` of them). Streams the data;
+    only the levels (1/128 of the data) are held in memory."""
+    per_block_bits = (block_size // _DIGEST).bit_length() - 1
+    salted = hashlib.sha256(salt)
+    level = bytearray()
+    first_block = b""
+    for buf in chunks:
+        if len(buf) % block_size:
+            raise KilnError(f"verity data {where} is not a whole number of {block_size}-byte blocks")
+        if not first_block:
+            first_block = bytes(buf[:block_size])
+        level += _hash_blocks(buf, salted, block_size)
+    if len(level) != data_blocks * _DIGEST:
+        raise KilnError(f"verity data {where} has {len(level) // _DIGEST} blocks, expected {data_blocks}")
+    sizes = _level_sizes(data_blocks, per_block_bits)
+    levels: list[bytearray] = []  # bottom first
+    if sizes:
+        levels.append(_pad(level, block_size))
+        for _ in sizes[1:]:
+            levels.append(_pad(_hash_blocks(levels[-1], salted, block_size), block_size))
+        top = levels[-1]
+    else:
+        top = bytearray(first_block)  # one data block: its digest is the root
+    assert [len(lv) // block_size for lv in levels] == sizes
+    root = salted.copy()
+    root.update(top)
+    return levels, root.hexdigest()
+
+
+def _read_blocks(f: BinaryIO, length: int, chunk: int) -> Iterator[bytes]:
+    left = length
+    while left:
+        buf = f.read(min(chunk, left))
+        if not buf:
+            return
+        left -= len(buf)
+        yield buf
+
+
 def build_hash_tree(
     data_path: Path,
     hash_path: Path,
@@ -98,10 +143,7 @@ def build_hash_tree(
     uuid: uuid_mod.UUID,
     block_size: int = 4096,
 ) -> VerityResult:
-    """Write `hash_path` (superblock + tree) for `data_path` and return the root hash.
-
-    The data is streamed; only the hash levels (1/128 of the data) are held in memory.
-    """
+    """Write `hash_path` (superblock + tree) for `data_path` and return the root hash."""
     data_path, hash_path = Path(data_path), Path(hash_path)
     if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
         raise KilnError(f"verity block_size {block_size} is not a power of two in 512..65536")
@@ -115,34 +157,9 @@ def build_hash_tree(
             hint="pad the filesystem image to a whole number of blocks",
         )
     data_blocks = size // block_size
-    per_block_bits = (block_size // _DIGEST).bit_length() - 1
-
-    salted = hashlib.sha256(salt)
     chunk = max(block_size, _READ_CHUNK - _READ_CHUNK % block_size)
-    level = bytearray()
-    first_block = b""
     with data_path.open("rb") as f:
-        while buf := f.read(chunk):
-            if len(buf) % block_size:
-                raise KilnError(f"verity data file {data_path} changed size while hashing")
-            if not first_block:
-                first_block = buf[:block_size]
-            level += _hash_blocks(buf, salted, block_size)
-    if len(level) != data_blocks * _DIGEST:
-        raise KilnError(f"verity data file {data_path} changed size while hashing")
-
-    sizes = _level_sizes(data_blocks, per_block_bits)
-    levels: list[bytearray] = []  # bottom first
-    if sizes:
-        levels.append(_pad(level, block_size))
-        for _ in sizes[1:]:
-            levels.append(_pad(_hash_blocks(levels[-1], salted, block_size), block_size))
-        top = levels[-1]
-    else:
-        top = bytearray(first_block)  # one data block: its digest is the root
-    assert [len(lv) // block_size for lv in levels] == sizes
-    root = salted.copy()
-    root.update(top)
+        levels, root_hash = _tree(_read_blocks(f, size + 1, chunk), data_blocks, salt, block_size, str(data_path))
 
     with hash_path.open("wb") as out:
         out.write(_superblock(salt, uuid, block_size, data_blocks))
@@ -151,13 +168,42 @@ def build_hash_tree(
         hash_size = out.tell()
 
     return VerityResult(
-        root_hash=root.hexdigest(),
+        root_hash=root_hash,
         salt=salt.hex(),
         data_blocks=data_blocks,
         hash_size=hash_size,
         uuid=str(uuid),
         block_size=block_size,
     )
+
+
+def verify(
+    data: BinaryIO, hash_area: BinaryIO, *, root_hash: str, salt: str, data_blocks: int, block_size: int = 4096
+) -> None:
+    """Check that `data` (positioned at its first block) and `hash_area` (positioned at
+    the superblock) form the verity device `root_hash` names, as the kernel will read
+    them: the superblock's salt and size, every stored hash block, and the root.
+    Raises KilnError saying what differs."""
+    sb = hash_area.read(block_size)
+    if len(sb) < _SB_SIZE:
+        raise KilnError("verity hash area: too short for a superblock")
+    sig, _ver, _htype, _uuid, alg, dbs, hbs, blocks, salt_len, salt_raw = _SB.unpack(sb[:_SB_SIZE])
+    if sig != _SIGNATURE or alg.rstrip(b"\0") != _ALGORITHM.encode():
+        raise KilnError("verity hash area: no sha256 verity superblock")
+    if (dbs, hbs, blocks) != (block_size, block_size, data_blocks):
+        raise KilnError(
+            f"verity superblock: {blocks} blocks of {dbs}/{hbs} bytes, expected {data_blocks} of {block_size}"
+        )
+    if salt_raw[:salt_len].hex() != salt:
+        raise KilnError("verity superblock: the salt differs from the expected one")
+    chunk = _READ_CHUNK - _READ_CHUNK % block_size
+    levels, computed = _tree(_read_blocks(data, data_blocks * block_size, chunk), data_blocks,
+                             bytes.fromhex(salt), block_size, "area")
+    if computed != root_hash:
+        raise KilnError(f"verity: the data's root hash is {computed}, expected {root_hash}")
+    for n, lv in enumerate(reversed(levels)):
+        if hash_area.read(len(lv)) != lv:
+            raise KilnError(f"verity hash area: stored level {n} (from the top) differs from the data's hashes")
 
 
 def dm_table(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
@@ -24,6 +24,9 @@ from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
 from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
 from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
+
+if TYPE_CHECKING:
+    from kiln.host.update.control import UpdateControl
 
 # The model (msgspec) and the renderer (Jinja2, subprocess) load on the first write: a
 # socket-activated server answers its first GET sooner without them.
@@ -108,6 +111,7 @@ class Api:
         restart: bool = True,
         apply_wait: float = 10.0,
         cache: RenderCache | None = None,
+        updates: Callable[[], UpdateControl] | None = None,
     ) -> None:
         self.store = store
         self.templates = templates or Templates()
@@ -119,6 +123,10 @@ class Api:
         self.cache = cache  # the host's render cache (kiln.host.render.cache); None in tests
         self.apply_wait = apply_wait  # seconds an apply waits for the one running before 423
         self.encoded_live: tuple[Tree, bytes] | None = None  # GET /settings, per live version
+        # Made on the first update request (kiln.host.update.control is not needed to serve
+        # settings); None where updates are not available.
+        self.update_factory = updates
+        self._update_control: UpdateControl | None = None
 
     def handle(self, req: Request) -> Response:
         """Dispatch one request; never raises (a bug becomes a logged 500, not a dead server)."""
@@ -142,6 +150,13 @@ class Api:
 
             logging.getLogger("kiln.api").exception("internal error on %s %s", req.method, req.path)
             return Response(500, ApiError(500, f"internal error: {type(e).__name__}").body())
+
+    def updates(self) -> UpdateControl:
+        if self.update_factory is None:
+            raise ApiError(409, "updates are not available here")
+        if self._update_control is None:
+            self._update_control = self.update_factory()
+        return self._update_control
 
     def visible(self, tree: Tree, role: str) -> Tree:
         """Settings as `role` may see them: secrets are masked for readers."""
@@ -413,3 +428,7 @@ def reboot(api: Api, req: Request) -> Response:
     if api.reboot is None:
         raise ApiError(409, "reboot is not available here")
     return Response(202, {"rebooting": True}, after=api.reboot)
+
+
+# The update routes live in their own module and register themselves on ROUTES.
+from kiln.host.api import updates as _updates  # noqa: E402,F401

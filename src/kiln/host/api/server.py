@@ -27,10 +27,13 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request
 from kiln.host.datastore import Datastore
+
+if TYPE_CHECKING:
+    from kiln.host.update.control import UpdateControl
 
 log = logging.getLogger("kiln.api")
 SOCKET = Path("/run/kiln/api.sock")
@@ -310,7 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Datastore(args.datastore) if args.datastore else Datastore()
     from kiln.host.render.cache import RenderCache
 
-    api = Api(store, reboot=_reboot, cache=RenderCache())
+    def updates() -> UpdateControl:
+        from kiln.host.update.control import UpdateControl
+
+        return UpdateControl()
+
+    api = Api(store, reboot=_reboot, cache=RenderCache(), updates=updates)
     server: socketserver.BaseServer
     if args.remote:
         cfg = remote_config(args.remote_config)

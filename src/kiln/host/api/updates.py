@@ -1,0 +1,59 @@
+"""The update routes (Bottlerocket's thar-be-updates API), registered on the shared table.
+
+    GET  /updates/status
+    POST /actions/refresh-updates | prepare-update | activate-update | deactivate-update
+    POST /actions/rollback[?reboot=false]
+
+Commands are started and answered with 202; clients poll the status. 409: not allowed in
+the current state; 423: another update command is running.
+"""
+
+from __future__ import annotations
+
+from kiln.host.api.routes import Api, ApiError, Request, Response, route
+
+COMMANDS = {
+    "/actions/refresh-updates": "refresh",
+    "/actions/prepare-update": "prepare",
+    "/actions/activate-update": "activate",
+    "/actions/deactivate-update": "deactivate",
+}
+
+
+@route("GET", "/updates/status")
+def update_status(api: Api, req: Request) -> Response:
+    return Response(200, api.updates().status())
+
+
+def _start(api: Api, req: Request) -> Response:
+    from kiln.host.update.errors import Busy, NotAllowed
+
+    command = COMMANDS[req.path]
+    try:
+        api.updates().start(command)
+    except Busy as e:
+        raise ApiError(423, str(e)) from None
+    except NotAllowed as e:
+        raise ApiError(409, str(e)) from None
+    return Response(202, {"command": command, "status": "/updates/status"})
+
+
+for _path in COMMANDS:
+    route("POST", _path)(_start)
+
+
+@route("POST", "/actions/rollback")
+def rollback(api: Api, req: Request) -> Response:
+    from kiln.host.slot import SlotError
+    from kiln.host.update.errors import Busy
+
+    reboot = req.arg("reboot", "true") != "false"
+    if reboot and api.reboot is None:
+        raise ApiError(409, "reboot is not available here (use ?reboot=false)")
+    try:
+        slots = api.updates().rollback()
+    except Busy as e:
+        raise ApiError(423, str(e)) from None
+    except SlotError as e:
+        raise ApiError(409, str(e)) from None
+    return Response(202, {"next": slots.get("next"), "rebooting": reboot}, after=api.reboot if reboot else None)

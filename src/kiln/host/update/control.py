@@ -1,0 +1,94 @@
+"""What the API server does for update requests: report the status, start commands.
+
+Commands run in their own process (`python3 -m kiln.host.update.agent CMD`), as
+thar-be-updates forks updog: a prepare takes minutes and must not tie up the server or
+die with it. The server takes the update lock first and hands the locked file to the
+process, so a second request is refused (423) at once and a refused state (409) is
+reported before anything starts. The caller polls `GET /updates/status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from kiln.host.slot import Slots
+from kiln.host.update.agent import acquire, read_versions
+from kiln.host.update.status import Paths, Status, reconcile
+
+Launcher = Callable[[str, int], None]  # (command, locked fd): must close the fd when done
+
+
+def spawn(command: str, lock_fd: int) -> None:
+    """Start the agent detached from the server, holding the inherited lock."""
+    try:
+        subprocess.Popen(
+            [sys.executable, "-I", "-m", "kiln.host.update.agent", command, "--lock-fd", str(lock_fd)],
+            pass_fds=(lock_fd,),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(lock_fd)  # the child holds its own copy of the locked file
+
+
+class UpdateControl:
+    def __init__(
+        self,
+        paths: Paths | None = None,
+        slots: Callable[[], Slots] = Slots.open,
+        version: Callable[[], str] | None = None,
+        launch: Launcher = spawn,
+    ) -> None:
+        self.paths = paths or Paths()
+        self.slots = slots
+        self.version = version or _running_version
+        self.launch = launch
+
+    def status(self) -> dict[str, Any]:
+        st = Status.load(self.paths.status)
+        st = reconcile(st, self.slots().state().to_json(), self.version(), read_versions(self.paths))
+        st.last_failure = last_failure(self.paths)
+        return asdict(st)
+
+    def start(self, command: str) -> None:
+        """Raises Busy (another command runs) or NotAllowed (not in this state)."""
+        fd = acquire(self.paths)
+        try:
+            st = reconcile(
+                Status.load(self.paths.status), self.slots().state().to_json(), self.version(),
+                read_versions(self.paths),
+            )
+            st.require(command)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.launch(command, fd)
+
+    def rollback(self) -> dict[str, Any]:
+        """Make the other slot boot next (signpost rollback-to-inactive)."""
+        fd = acquire(self.paths)
+        try:
+            state = self.slots().apply("rollback-to-inactive")
+        finally:
+            os.close(fd)
+        return state.to_json()
+
+
+def last_failure(paths: Paths) -> dict[str, Any] | None:
+    try:
+        failures = json.loads(paths.failures.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return failures[-1] if isinstance(failures, list) and failures else None
+
+
+def _running_version() -> str:
+    from kiln.host.osinfo import os_release
+
+    return os_release().get("version_id", "0.0.0")

@@ -1,0 +1,165 @@
+"""The update state machine (thar-be-updates): Idle -> Available -> Staged -> Ready.
+
+    refresh      any state      Idle <-> Available (Staged/Ready keep their state)
+    prepare      Available, Staged   -> Staged   (the inactive slot written and valid)
+    activate     Staged              -> Ready    (the inactive slot boots next)
+    deactivate   Ready               -> Staged
+
+The status lives in PRIVATE (/var/lib/kiln/update/status.json) and is reconciled with the
+slots every time it is read: a power cut between a slot write and the status write, or
+a reboot into the new version, must never leave the API claiming something false.
+Stdlib only: the API server imports this on every status request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.core.fs import atomic_write
+from kiln.host.update.errors import NotAllowed
+
+IDLE, AVAILABLE, STAGED, READY = "Idle", "Available", "Staged", "Ready"
+STATES = (IDLE, AVAILABLE, STAGED, READY)
+ALLOWED = {
+    "refresh": STATES,
+    "prepare": (AVAILABLE, STAGED),
+    "activate": (STAGED,),
+    "deactivate": (READY,),
+}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the agent keeps things; tests point `state` and `run` at temporary dirs."""
+
+    state: Path = Path("/var/lib/kiln/update")
+    run: Path = Path("/run/kiln")
+    root: Path = Path("/usr/share/kiln/update/root.json")
+
+    @property
+    def status(self) -> Path:
+        return self.state / "status.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.state / "metadata"
+
+    @property
+    def migrations(self) -> Path:
+        return self.state / "migrations"
+
+    @property
+    def slot_versions(self) -> Path:
+        return self.state / "slots.json"
+
+    @property
+    def failures(self) -> Path:
+        return self.state / "failures.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.run / "update.lock"
+
+
+@dataclass
+class Status:
+    update_state: str = IDLE
+    available_updates: list[str] = field(default_factory=list)
+    chosen_update: dict[str, str] | None = None
+    staged_version: str | None = None
+    reason: str = ""  # why nothing is chosen or applied, in words
+    ready_at: str | None = None  # when this host's wave opens, if that is the reason
+    most_recent_command: dict[str, Any] | None = None
+    active_partition: dict[str, Any] = field(default_factory=dict)
+    staging_partition: dict[str, Any] = field(default_factory=dict)
+    last_failure: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Status:
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls()
+        except ValueError:
+            return cls(reason=f"{path} was unreadable and has been reset")
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        st = cls(**known)
+        return st if st.update_state in STATES else cls()
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n")
+
+    def require(self, command: str) -> None:
+        if self.update_state not in ALLOWED[command]:
+            allowed = " or ".join(ALLOWED[command])
+            raise NotAllowed(f"{command} is not allowed in state {self.update_state} (needs {allowed})")
+
+    def begin(self, command: str) -> None:
+        self.most_recent_command = {
+            "cmd_type": command, "cmd_status": "Running", "pid": os.getpid(), "timestamp": _now(),
+        }
+
+    def finish(self, error: BaseException | None) -> None:
+        cmd = dict(self.most_recent_command or {})
+        cmd.update(
+            cmd_status="Failed" if error else "Success",
+            exit_status=1 if error else 0,
+            stderr=str(error) if error else "",
+            error=type(error).__name__ if error else None,
+            finished=_now(),
+        )
+        cmd.pop("pid", None)
+        self.most_recent_command = cmd
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reconcile(st: Status, slots: dict[str, Any], running: str, versions: dict[str, str]) -> Status:
+    """Make `st` agree with the slots (`SlotState.to_json()`) and the running version.
+
+    `versions` maps a slot to the version last written there (slots.json)."""
+    active = slots["active"]
+    inactive = "B" if active == "A" else "A"
+    flags = slots[inactive]
+    cmd = st.most_recent_command
+    if cmd and cmd.get("cmd_status") == "Running" and not _alive(int(cmd.get("pid", 0))):
+        cmd = {**cmd, "cmd_status": "Failed", "exit_status": None, "stderr": "interrupted (the agent stopped)"}
+        cmd.pop("pid", None)
+        st.most_recent_command = cmd
+    valid = flags["tries_left"] > 0 or flags["successful"]
+    if st.update_state in (STAGED, READY):
+        if not valid or versions.get(inactive) != st.staged_version:
+            st.update_state = AVAILABLE if st.chosen_update else IDLE
+            st.staged_version = None
+        elif flags["priority"] > slots[active]["priority"]:
+            st.update_state = READY
+        else:
+            st.update_state = STAGED
+    if st.chosen_update and st.chosen_update.get("version") == running:
+        # Booted into what was chosen: the update is done.
+        st.update_state, st.chosen_update, st.staged_version = IDLE, None, None
+    st.active_partition = {"slot": active, "version": running, "next_to_boot": slots["next"] == active}
+    st.staging_partition = {
+        "slot": inactive,
+        "version": versions.get(inactive) if valid else None,
+        "next_to_boot": slots["next"] == inactive,
+    }
+    return st
