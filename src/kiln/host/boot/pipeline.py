@@ -1,5 +1,6 @@
 """The boot's settings pipeline, in order, in one process (kiln-settings.service):
 
+    migrate       the datastore follows the OS version (after an update or a rollback)
     storewolf     datastore exists, this image's definitions, defaults into the launch tx
     user data     first boot only: DATA-partition file, then config drive (later wins)
     sundog        generated settings (seed, hostname) for keys still unset
@@ -23,6 +24,7 @@ from kiln.host.boot import applier, storewolf, sundog
 from kiln.host.boot.console import say
 from kiln.host.datastore import DEFAULT_ROOT, Datastore
 from kiln.host.osinfo import os_release
+from kiln.host.update.status import Paths
 
 USER_DATA_MARKER = Path("/var/lib/kiln/user-data/early.json")  # kiln.host.boot.userdata.STATE
 
@@ -37,10 +39,12 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
     def timed(name: str, t0: float) -> None:
         record["steps"][name] = round(time.monotonic() - t0, 3)
 
+    version = os_release().get("version_id", "0")
     t0 = time.monotonic()
-    store: Datastore = storewolf.run(
-        store_root, defaults, os_release().get("version_id", "0"), storewolf.DEFINITIONS
-    )
+    record["migrations"] = migrate_datastore(store_root, version)
+    timed("migrate", t0)
+    t0 = time.monotonic()
+    store: Datastore = storewolf.run(store_root, defaults, version, storewolf.DEFINITIONS)
     timed("storewolf", t0)
     t0 = time.monotonic()
     if not USER_DATA_MARKER.exists():  # first boot: only then import the providers
@@ -61,6 +65,29 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
         userdata.mark_done("early", record["user-data"])
     record["total"] = round(time.monotonic() - start, 3)
     return record
+
+
+def migrate_datastore(store_root: Path, version: str, paths: Paths | None = None) -> list[str]:
+    """Run the migrations between the datastore's version and this OS's (Bottlerocket's
+    migrator, before storewolf). A failure raises: the boot must not become healthy."""
+    from kiln.host.update import migrate
+    from kiln.host.update.manifest import ManifestError, Version
+
+    paths = paths or Paths()
+    try:
+        target = Version.parse(version, "os-release VERSION_ID")
+    except ManifestError:
+        return []  # not a Kiln release (a development host): datastores are not versioned
+    try:
+        root = paths.root.read_bytes()
+    except FileNotFoundError:
+        root = b""  # an image without a repository: nothing can have been cached
+    plan = migrate.plan(store_root, target, paths.migrations, root)
+    if plan is None:
+        return []
+    ran = migrate.apply(store_root, plan)
+    say(f"kiln: datastore {plan.source} -> {plan.target}" + (f": ran {', '.join(ran)}" if ran else ""))
+    return ran
 
 
 def main() -> int:

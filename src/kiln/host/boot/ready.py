@@ -1,17 +1,28 @@
 """Confirm a healthy boot: mark the running slot successful, then print the ready line.
 
-Runs only after kiln-ready.target is reached (every unit the host needs is up), so a
-slot that never gets this far keeps zero tries and GRUB falls back to the other one.
+Runs once kiln-ready.target has finished starting (reached or failed). First it reports
+an update that GRUB fell back from (the other slot was tried and never marked
+successful); then the health gate (kiln.host.boot.health) must pass; only then is the
+slot marked successful. A new version that fails the gate reboots into the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 from kiln.core.errors import KilnError
+from kiln.host.boot import health
+from kiln.host.boot.console import say
 from kiln.host.osinfo import os_release
-from kiln.host.slot import Slots, booted_slot
+from kiln.host.slot import Slots, SlotState, booted_slot
+from kiln.host.update.status import Paths, write_versions
+
+UNHEALTHY = (
+    "did not finish booting: no successful boot was recorded "
+    "(a kernel panic, a hang, or a failure before the health gate)"
+)
 
 
 def ready_line(osr: dict[str, str], slot: str) -> str:
@@ -35,21 +46,80 @@ def status_line() -> str:
             f"local={mounts.get('/local', ('?', '?'))[1]} services={','.join(services)}")
 
 
+def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> None:
+    """If GRUB fell back from the other slot (tried, never successful), log why, then
+    clear that slot so the report is made once and the broken version cannot boot."""
+    import json
+    import time
+
+    from kiln.host.update.status import read_versions, write_versions
+
+    other, mine = st.flags(st.inactive), st.flags(slots.active or "A")
+    if not (other.priority > mine.priority and not other.will_boot and not other.successful):
+        return
+    pending = paths.state / "pending-failure.json"
+    note: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        note = json.loads(pending.read_bytes())
+    reason = note.get("reason") if note.get("slot") == st.inactive else None
+    version = read_versions(paths).get(st.inactive) or note.get("version") or "unknown"
+    entry = {"version": version, "slot": st.inactive, "reason": reason or UNHEALTHY,
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "running": running}
+    health.record_failure(paths.failures, entry)
+    say(f"kiln: update to {version} failed ({entry['reason']}); rolled back to {running} on slot {slots.active}")
+    slots.apply("clear-inactive")
+    write_versions(paths, {st.inactive: None})
+    pending.unlink(missing_ok=True)
+
+
+def gate(slots: Slots, st: SlotState, paths: Paths, version: str) -> bool:
+    """The health gate; on failure of a version never marked successful, reboot into
+    the other slot when it would boot. Returns True when healthy."""
+    import json
+
+    from kiln.core.fs import atomic_write
+    from kiln.host.datastore import Datastore
+
+    try:
+        settings = Datastore().live()
+    except Exception:  # no settings: the gate then checks the defaults
+        settings = {}
+    reason = health.wait_healthy(health.Check.from_settings(settings))
+    if reason is None:
+        return True
+    slot = slots.active or "A"
+    say(f"kiln: not ready: {reason}")
+    if not st.flags(slot).successful and st.flags(st.inactive).will_boot:
+        note = {"version": version, "slot": slot, "reason": f"health gate failed: {reason}"}
+        paths.state.mkdir(parents=True, exist_ok=True)
+        atomic_write(paths.state / "pending-failure.json", json.dumps(note).encode())
+        say(f"kiln: version {version} failed its health gate; rebooting into slot {st.inactive}")
+        from kiln.core.run import run
+
+        run(["systemctl", "reboot"], check=False)
+    return False
+
+
 def main() -> int:
     slot = booted_slot()
     if slot is None:
         print("kiln: not booted through Kiln's boot chain (no kiln.slot=)", file=sys.stderr)
         return 1
+    paths = Paths()
+    version = os_release().get("version_id", "?")
     try:
         slots = Slots.open(active=slot)
         try:
-            slots.state()
+            st = slots.state()
         except KilnError as e:  # GRUB fell back to A on an unreadable grubenv; repair it
-            slots.reset_to_active()
-            with open("/dev/console", "w") as console:
-                print(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, "
-                      "the other slot cleared", file=console, flush=True)
+            st = slots.reset_to_active()
+            say(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, the other slot cleared")
+        report_fallback(slots, st, paths, version)
+        st = slots.state()
+        if not gate(slots, st, paths, version):
+            return 1
         slots.apply("mark-successful-boot")
+        write_versions(paths, {slot: version})
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)
         return 1

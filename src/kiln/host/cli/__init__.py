@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 
 from kiln.core.errors import KilnError
-from kiln.host.cli import api, slot
+from kiln.host.cli import api, slot, update
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     slot.register(sub)
     api.register(sub)
+    update.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,9 @@ TimeServer = Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:\[\]-]{1,253}$")]
 OneLine = Annotated[str, Meta(pattern=r"^\S+$", max_length=1024)]
 Base64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/=\s]*$", max_length=65536)]
 Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
+UnitName = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$", max_length=256)
+]
 
 
 class _S(Struct, forbid_unknown_fields=True, omit_defaults=True, rename="kebab"):
@@ -58,6 +61,15 @@ class Updates(_S):
     seed: Annotated[int, Meta(ge=0, le=2047)] | None = None
     version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)$")] | None = None
     ignore_waves: bool | None = None
+
+
+class Health(_S):
+    """What a new version must show before its boot counts as successful (the update
+    health gate): these units active and, if set, the URL answering 2xx, within timeout."""
+
+    units: Annotated[list[UnitName], Meta(max_length=64)] | None = None
+    http_check: Url | None = None
+    timeout: Annotated[int, Meta(ge=1, le=3600)] | None = None
 
 
 class HostContainer(_S):
@@ -92,6 +104,7 @@ class Settings(_S):
     ntp: Ntp | None = None
     kernel: Kernel | None = None
     updates: Updates | None = None
+    health: Health | None = None
     host_containers: Annotated[dict[Name, HostContainer], Meta(max_length=64)] | None = None
     bootstrap_containers: Annotated[dict[Name, BootstrapContainer], Meta(max_length=64)] | None = None
     api: Api | None = None
@@ -104,6 +117,7 @@ _SEG = re.compile(r"\.([^.\[]+)|\[(\d+)\]|(\[\.\.\.\])")
 _PATTERNS = {
     Hostname: "a hostname (letters, digits, '-' and '.')",
     Url: "an http:// or https:// URL",
+    UnitName: "a systemd unit name (e.g. containerd.service)",
     Name: "a name of lowercase letters, digits and '-' (at most 63)",
     Pem: "a PEM block",
     SysctlName: "a sysctl name (lowercase letters, digits, '_', '-', '.', '/')",

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +25,17 @@ from kiln.core.errors import KilnError
 from kiln.host.slot import Slots
 from kiln.host.update.errors import Busy, NothingChosen, UpdateError
 from kiln.host.update.manifest import Choice, Host, Manifest, Update, Version, choose, format_time
-from kiln.host.update.status import AVAILABLE, IDLE, READY, STAGED, Paths, Status, reconcile
+from kiln.host.update.status import (
+    AVAILABLE,
+    IDLE,
+    READY,
+    STAGED,
+    Paths,
+    Status,
+    read_versions,
+    reconcile,
+    write_versions,
+)
 
 if TYPE_CHECKING:
     from tuf.ngclient.fetcher import FetcherInterface
@@ -45,23 +56,6 @@ def acquire(paths: Paths) -> int:
         os.close(fd)
         raise Busy("another update command is running") from None
     return fd
-
-
-def read_versions(paths: Paths) -> dict[str, str]:
-    try:
-        doc = json.loads(paths.slot_versions.read_bytes())
-        return {k: v for k, v in doc.items() if k in ("A", "B") and isinstance(v, str)}
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def write_versions(paths: Paths, versions: dict[str, str | None]) -> None:
-    from kiln.core.fs import atomic_write
-
-    current: dict[str, str | None] = {**read_versions(paths), **versions}
-    paths.state.mkdir(parents=True, exist_ok=True)
-    clean = {k: v for k, v in current.items() if v}
-    atomic_write(paths.slot_versions, json.dumps(clean, sort_keys=True).encode() + b"\n")
 
 
 @dataclass
@@ -168,10 +162,23 @@ class Agent:
         st.staged_version = None
         st.update_state = AVAILABLE
         st.save(self.paths.status)
-        write_release(self.slots, update, repo.stream, self.progress)
+        write_release(self.slots, update, repo.stream, self.progress or self._recorder(st))
         write_versions(self.paths, {inactive: str(update.version)})
         st.staged_version = str(update.version)
         st.update_state = STAGED
+
+    def _recorder(self, st: Status) -> Progress:
+        """Progress into the status file, at most once a second (clients poll it)."""
+        last = [0.0]
+
+        def record(image: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or done == total:
+                last[0] = now
+                st.progress = {"image": image, "done": done, "total": total}
+                st.save(self.paths.status)
+
+        return record
 
     def _activate(self, st: Status) -> None:
         self.slots.apply("upgrade-to-inactive")

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from typing import Any
 
 from kiln.host.slot import Slots
-from kiln.host.update.agent import acquire, read_versions
-from kiln.host.update.status import Paths, Status, reconcile
+from kiln.host.update.agent import acquire
+from kiln.host.update.status import Paths, Status, read_versions, reconcile
 
 Launcher = Callable[[str, int], None]  # (command, locked fd): must close the fd when done
 

@@ -66,6 +66,21 @@ class Paths:
         return self.run / "update.lock"
 
 
+def read_versions(paths: Paths) -> dict[str, str]:
+    try:
+        doc = json.loads(paths.slot_versions.read_bytes())
+        return {k: v for k, v in doc.items() if k in ("A", "B") and isinstance(v, str)}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def write_versions(paths: Paths, versions: dict[str, str | None]) -> None:
+    current: dict[str, str | None] = {**read_versions(paths), **versions}
+    paths.state.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in current.items() if v}
+    atomic_write(paths.slot_versions, json.dumps(clean, sort_keys=True).encode() + b"\n")
+
+
 @dataclass
 class Status:
     update_state: str = IDLE
@@ -78,6 +93,7 @@ class Status:
     active_partition: dict[str, Any] = field(default_factory=dict)
     staging_partition: dict[str, Any] = field(default_factory=dict)
     last_failure: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None  # while prepare writes: {image, done, total}
 
     @classmethod
     def load(cls, path: Path) -> Status:
@@ -101,9 +117,15 @@ class Status:
             raise NotAllowed(f"{command} is not allowed in state {self.update_state} (needs {allowed})")
 
     def begin(self, command: str) -> None:
+        """Record a command as running; `id` increases with each command, so a client that
+        started one can tell its result from an older one's."""
         self.most_recent_command = {
-            "cmd_type": command, "cmd_status": "Running", "pid": os.getpid(), "timestamp": _now(),
+            "id": self.command_id() + 1, "cmd_type": command, "cmd_status": "Running", "pid": os.getpid(),
+            "timestamp": _now(),
         }
+
+    def command_id(self) -> int:
+        return int((self.most_recent_command or {}).get("id", 0))
 
     def finish(self, error: BaseException | None) -> None:
         cmd = dict(self.most_recent_command or {})
@@ -116,6 +138,7 @@ class Status:
         )
         cmd.pop("pid", None)
         self.most_recent_command = cmd
+        self.progress = None
 
 
 def _now() -> str:

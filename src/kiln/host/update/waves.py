@@ -47,6 +47,8 @@ def wave_seeds(percentages: list[int]) -> list[int]:
     truncated)."""
     import struct
 
+    if not percentages:
+        return []
     seeds = [0]
     for pct in percentages[:-1]:
         f32 = struct.unpack("f", struct.pack("f", pct / 100))[0]

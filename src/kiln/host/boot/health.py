@@ -1,0 +1,93 @@
+"""The health gate: a boot counts as successful only when the host is actually healthy.
+
+Bottlerocket marks a boot successful once its boot target is reached. Kiln also waits
+for what `settings.health` names (units that must be active, an optional HTTP check)
+within its timeout. A new version that fails the gate reboots into the previous slot by
+itself, leaving a note the previous version reports (`/updates/status` last_failure).
+A version whose boot was marked successful before is never rolled back for a later
+failure: the host only stays not-ready and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.core.fs import atomic_write
+
+READY_TARGET = "kiln-ready.target"
+DEFAULT_TIMEOUT = 120
+POLL = 1.0
+
+
+@dataclass(frozen=True)
+class Check:
+    units: tuple[str, ...] = ()
+    http: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Check:
+        h = settings.get("health") or {}
+        return cls(tuple(h.get("units") or ()), h.get("http-check"), float(h.get("timeout") or DEFAULT_TIMEOUT))
+
+
+def _unit_states(units: list[str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["systemctl", "show", "--property=Id,ActiveState", "--", *units], capture_output=True, text=True, check=False
+    ).stdout
+    states: dict[str, str] = {}
+    for block in out.strip().split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if "Id" in fields:
+            states[fields["Id"]] = fields.get("ActiveState", "unknown")
+    return {u: states.get(u, "unknown") for u in units}
+
+
+def _http_ok(url: str) -> str | None:
+    """None when `url` answers 2xx within 5 s, else what went wrong."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:  # a URL from validated settings
+            return None if 200 <= r.status < 300 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+
+
+def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_ok) -> str | None:
+    """Poll until every unit is active and the HTTP check passes; None when healthy,
+    else the reason (which unit, which answer) once the timeout has passed. The ready
+    target is checked once: it has finished (reached or failed) when this runs."""
+    ready = states([READY_TARGET])[READY_TARGET]
+    if ready != "active":
+        return f"{READY_TARGET} was not reached ({ready}): a unit the host needs failed"
+    deadline = time.monotonic() + check.timeout
+    while True:
+        problems = [f"{u} is {s}" for u, s in states(list(check.units)).items() if s != "active"] if check.units else []
+        if check.http and not problems and (err := http(check.http)):
+            problems.append(f"health check {check.http}: {err}")
+        if not problems:
+            return None
+        if time.monotonic() >= deadline:
+            return "; ".join(problems) + f" (after {check.timeout:.0f} s)"
+        time.sleep(POLL)
+
+
+def record_failure(path: Path, entry: dict[str, Any], keep: int = 20) -> None:
+    """Append to the failures log (newest last, bounded)."""
+    try:
+        failures = json.loads(path.read_bytes())
+        if not isinstance(failures, list):
+            failures = []
+    except (FileNotFoundError, ValueError):
+        failures = []
+    failures = [*failures, entry][-keep:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(failures, indent=1).encode() + b"\n")
