@@ -44,7 +44,7 @@ test-vm: setup
 	$(SUDO) $(PY) -m pytest -p no:cacheprovider -m vm tests
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench migrations
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -48,7 +48,7 @@ def install_to_inactive(disk: Path, artifacts: Path, *, active: str = "A",
 
 
 def fake_release(dest: Path, version: str, *, variant: str = "container-host", root_mib: int = 4,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, incompressible: bool = False) -> Path:
     """A build's `artifacts/` directory (same writer, same manifest) for small made-up
     boot/root images with a real verity tree: what `kiln repo add` publishes, without a
     full image build. Returns the artifacts directory."""
@@ -68,7 +68,7 @@ def fake_release(dest: Path, version: str, *, variant: str = "container-host", r
     block = bytes(rng.getrandbits(8) for _ in range(4096))
     with images["root"].open("wb") as f:
         for i in range(root_mib * 256):
-            f.write(block[i % 64:] + block[: i % 64])
+            f.write(rng.randbytes(4096) if incompressible else block[i % 64:] + block[: i % 64])
     salt = hashlib.sha256(f"salt-{version}".encode()).digest()
     vres = verity.build_hash_tree(images["root"], images["hash"], salt=salt, uuid=uuid.UUID(int=seed + 1))
     write_artifacts(dest, variant, version, vres, images, "6.1.0-test-cloud-amd64", f"test{version}")
@@ -76,3 +76,33 @@ def fake_release(dest: Path, version: str, *, variant: str = "container-host", r
         p.unlink()
     work.rmdir()
     return dest
+
+
+def small_disk(path: Path, *, root_mib: int = 8) -> Path:
+    """A Kiln GPT disk with small partitions (real ESP + grubenv, slot A from a made-up
+    release, slot B empty): enough for the update agent to write slot B on the host."""
+    import dataclasses
+
+    from kiln.build import bootloader, disk
+    from kiln.variant import Partitions, load_variant
+
+    MiB = 1 << 20
+    work = path.parent / f".{path.name}-parts"
+    release = fake_release(work / "artifacts", "1.0.0", root_mib=root_mib // 2)
+    v = dataclasses.replace(
+        load_variant(),
+        partitions=Partitions(efi=8 * MiB, boot=MiB, root=root_mib * MiB, hash=MiB, private=MiB, data=MiB),
+    )
+    esp = work / "esp.img"
+    bootloader.esp_partition(esp, v.partitions.efi, mtime=1700000000, work=work / "esp")
+    manifest = json.loads((release / "manifest.json").read_text())
+    images = {"efi": esp}
+    for key in ("boot", "root", "hash"):
+        dest = work / f"{key}.img"
+        with open(dest, "wb") as f:
+            for chunk in zstd_chunks(release / manifest["images"][key]["file"]):
+                f.write(chunk)
+        images[key] = dest
+    disk.assemble(path, v, "small", images)
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    return path

@@ -44,6 +44,8 @@ class BuildOptions:
     cache: Path = field(default_factory=default_cache)
     debug_console: bool = False
     sde: int = field(default_factory=source_date_epoch)
+    update_root: Path | None = None  # TUF root to trust (a `kiln repo` directory or root.json)
+    update_url: str | None = None  # the repository's base URL (metadata/ and targets/ below it)
 
 
 @dataclass
@@ -83,7 +85,7 @@ def _digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _build_id(v: Variant, packages: list[apt.Package], debug_console: bool) -> str:
+def _build_id(v: Variant, packages: list[apt.Package], opts: BuildOptions) -> str:
     """Identifies the inputs (package versions, variant file, Kiln version, build flags);
     the disk and partition GUIDs and os-release's BUILD_ID derive from it."""
     from kiln import __version__
@@ -93,13 +95,19 @@ def _build_id(v: Variant, packages: list[apt.Package], debug_console: bool) -> s
         "variant": v.source.read_text() if v.source.is_file() else v.name,
         "version": v.version,
         "kiln": __version__,
-        "debug_console": debug_console,
+        "debug_console": opts.debug_console,
+        "update_url": opts.update_url,
+        "update_root": _digest_files([_root_file(opts.update_root)]) if opts.update_root else None,
         "files": _digest_files(
             [*v.files.values(), *v.settings_defaults, *(f for d in v.templates for f in sorted(d.iterdir()))]
         ),
         "in_image_code": _digest_files(sorted(rootfs.HOST_SRC.joinpath("host").rglob("*.py"))),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _root_file(source: Path) -> Path:
+    return source / "metadata" / "root.json" if source.is_dir() else source
 
 
 def build(opts: BuildOptions, progress: Progress) -> BuildResult:
@@ -129,9 +137,11 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             rootfs.install_kiln(root, Path(__file__).resolve().parents[1] / "host" / "units")
             wheels.vendor(wheels.read_requirements(), root / rootfs.PY_SITE, opts.cache / "wheels")
             rootfs.install_files(root, v)
-            settings.install(root, v)
+            settings.install(root, v, settings.update_defaults(opts.update_url) if opts.update_url else None)
+            if opts.update_root:
+                settings.install_update_root(root, opts.update_root)
             rootfs.configure_systemd(root, v, opts.debug_console)
-            build_id = _build_id(v, pkgs + kpkgs, opts.debug_console)
+            build_id = _build_id(v, pkgs + kpkgs, opts)
             osr = rootfs.OsRelease(v.version, v.name, build_id, opts.debug_console)
             rootfs.finish(root, v, osr, pkgs + kpkgs)
             tree_bytes = rootfs.tree_size(root)

@@ -65,12 +65,44 @@ def check(doc: dict[str, Any], templates: dict[str, Path], where: str = "setting
     return defs
 
 
-def install(root: Path, variant: Variant) -> definitions.Definitions:
-    """Write defaults.json, the templates and their compiled bodies into `root`."""
+UPDATE_ROOT_PATH = Path("/usr/share/kiln/update/root.json")  # kiln.host.update.status.Paths.root
+
+
+def update_defaults(url: str) -> dict[str, Any]:
+    """Default repository URLs for a repository served as `kiln repo serve` lays it out."""
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise KilnError(f"--update-url {url}: expected an http:// or https:// URL")
+    updates = {"metadata-base-url": f"{base}/metadata/", "targets-base-url": f"{base}/targets/"}
+    try:
+        validate({"updates": updates})
+    except InvalidSettings as e:
+        raise KilnError(f"--update-url {url}: {e}") from None
+    return {"settings": {"updates": updates}}
+
+
+def install_update_root(root: Path, source: Path) -> None:
+    """Embed a TUF root (a repository directory's metadata/root.json, or the file itself):
+    the trust every update of the image starts from."""
+    path = source / "metadata" / "root.json" if source.is_dir() else source
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise KilnError(f"update root {path}: {e}") from None
+    if not isinstance(doc, dict) or (doc.get("signed") or {}).get("_type") != "root":
+        raise KilnError(f"update root {path}: not TUF root metadata (signed._type is not 'root')")
+    dest = root / UPDATE_ROOT_PATH.relative_to("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(path.read_bytes())
+
+
+def install(root: Path, variant: Variant, extra: dict[str, Any] | None = None) -> definitions.Definitions:
+    """Write defaults.json, the templates and their compiled bodies into `root`;
+    `extra` defaults (the update repository's URLs) are merged last."""
     templates: dict[str, Path] = {}
     for d in variant.templates:
         templates.update({p.name: p for p in sorted(d.iterdir()) if p.is_file()})
-    doc = merge_defaults(variant.settings_defaults)
+    doc = merge(merge_defaults(variant.settings_defaults), extra or {})
     defs = check(doc, templates, "settings defaults " + ", ".join(str(p) for p in variant.settings_defaults))
     src = root / TEMPLATE_DIR.relative_to("/")
     if src.exists():

@@ -18,6 +18,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--debug-console", action="store_true", help="add a root shell on the serial console (development only)"
     )
+    p.add_argument(
+        "--update-repo", type=Path, metavar="DIR|ROOT_JSON",
+        help="the update repository whose TUF root the image trusts (a `kiln repo` directory or a root.json)",
+    )
+    p.add_argument(
+        "--update-url", metavar="URL",
+        help="the repository's base URL, as `kiln repo serve` prints it (default settings.updates.*-base-url)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every output path")
     p.set_defaults(func=run)
 
@@ -33,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.json or not sys.stderr.isatty())
     if not args.json:
         progress.quiet = False
-    result = build(BuildOptions(variant, output, debug_console=args.debug_console), progress)
+    opts = BuildOptions(
+        variant, output, debug_console=args.debug_console, update_root=args.update_repo, update_url=args.update_url
+    )
+    result = build(opts, progress)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

@@ -86,7 +86,23 @@ class _Handler(BaseHTTPRequestHandler):
             print(f"{self.address_string()} {format % args}", file=self.server.log, flush=True)
 
 
-class RepoServer:
+class RepoUrls:
+    """The two TUF base URLs below a server's base URL (`kiln repo serve`'s layout)."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.url}/metadata/"
+
+    @property
+    def targets_url(self) -> str:
+        return f"{self.url}/targets/"
+
+
+class RepoServer(RepoUrls):
     """`with RepoServer(DIR) as srv:` serves DIR in a background thread; `srv.url` is the
     base URL (`srv.metadata_url`, `srv.targets_url` the two TUF base URLs)."""
 
@@ -103,14 +119,6 @@ class RepoServer:
         host, port = self._server.server_address[:2]
         host = str(host)
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
-
-    @property
-    def metadata_url(self) -> str:
-        return f"{self.url}/metadata/"
-
-    @property
-    def targets_url(self) -> str:
-        return f"{self.url}/targets/"
 
     def start(self) -> RepoServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-repo-serve", daemon=True)

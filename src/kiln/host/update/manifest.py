@@ -140,17 +140,21 @@ class Manifest:
 
     def migration_path(self, current: Version, target: Version) -> list[str]:
         """Migration target names to run from `current` to `target`, in order (backward:
-        the forward list reversed). Each hop takes the transition from the version reached
-        with the highest TO not beyond the goal; a gap is an error naming it."""
-        if current == target:
-            return []
+        the forward list reversed). From each version reached, the transition with the
+        highest TO not beyond the goal is taken (Bottlerocket's rule); a release that lists
+        no transition from the version reached needs no migration for the rest of the way
+        (`kiln repo add` records only transitions that carry migrations)."""
         low, high = min(current, target), max(current, target)
         names: list[str] = []
         at = low
         while at != high:
             hops = sorted((to for (frm, to) in self.migrations if frm == at and to <= high), reverse=True)
             if not hops:
-                raise ManifestError(f"no migration path from {at} towards {high} in the manifest")
+                later = [frm for (frm, to) in self.migrations if at < frm < high]
+                if not later:
+                    break
+                at = min(later)  # nothing from here; the next recorded transition starts later
+                continue
             names += self.migrations[(at, hops[0])]
             at = hops[0]
         return names if current < target else names[::-1]

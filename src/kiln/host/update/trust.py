@@ -30,7 +30,7 @@ from kiln.host.update.fetch import HttpFetcher
 from kiln.host.update.manifest import Manifest, ManifestError
 
 if TYPE_CHECKING:
-    from tuf.api._payload import TargetFile  # re-exported by tuf.api.metadata without __all__
+    from tuf.api.metadata import TargetFile
 
 MANIFEST = "manifest.json"
 MANIFEST_MAX = 4 << 20
