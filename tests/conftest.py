@@ -23,25 +23,58 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("Kiln's tests build images and must run as root (make test uses sudo)")
 
 
+@dataclass(frozen=True)
+class UpdateRepo:
+    """The session's signed update repository: every test image trusts its root and
+    looks for updates at http://10.0.2.2:<port> (the host, through QEMU user networking);
+    tests that update serve it there with `kiln.repo.serve.RepoServer(path, port=port)`."""
+
+    path: Path
+    port: int
+
+    @property
+    def guest_url(self) -> str:
+        return f"http://10.0.2.2:{self.port}"
+
+
 @dataclass
 class Images:
     """Builds each distinct image once per session, under one temporary directory."""
 
     base: Path
-    cache: dict[tuple[str, bool], BuildResult]
+    cache: dict[tuple[str, bool, str], BuildResult]
+    repo: UpdateRepo | None = None
 
-    def get(self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None) -> BuildResult:
-        key = (version, debug_console)
+    def get(
+        self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None, tag: str = ""
+    ) -> BuildResult:
+        """`tag` names a variant changed by the test (it is part of the cache key)."""
+        key = (version, debug_console, tag)
         if key not in self.cache:
             v = (variant or load_variant()).with_version(version)
-            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}"
-            self.cache[key] = build(BuildOptions(v, out, debug_console=debug_console), Progress(quiet=True))
+            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}{'-' + tag if tag else ''}"
+            opts = BuildOptions(
+                v, out, debug_console=debug_console,
+                update_root=self.repo.path if self.repo else None,
+                update_url=self.repo.guest_url if self.repo else None,
+            )
+            self.cache[key] = build(opts, Progress(quiet=True))
         return self.cache[key]
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    return Images(tmp_path_factory.mktemp("images"), {})
+def update_repo(tmp_path_factory: pytest.TempPathFactory) -> UpdateRepo:
+    from kiln.repo import admin
+    from kiln.vm.qemu import free_port
+
+    path = tmp_path_factory.mktemp("update-repo") / "repo"
+    admin.init(path)
+    return UpdateRepo(path, free_port())
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory, update_repo: UpdateRepo) -> Images:
+    return Images(tmp_path_factory.mktemp("images"), {}, update_repo)
 
 
 @pytest.fixture(scope="session")

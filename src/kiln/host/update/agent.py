@@ -10,6 +10,7 @@ start and end in the status file, so a crash shows up as an interrupted command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -73,7 +74,8 @@ class Agent:
     # --- state --------------------------------------------------------------------
     def status(self) -> Status:
         st = Status.load(self.paths.status)
-        return reconcile(st, self.slots.state().to_json(), self.version, read_versions(self.paths))
+        failed = frozenset(str(v) for v in failed_versions(self.paths))
+        return reconcile(st, self.slots.state().to_json(), self.version, read_versions(self.paths), failed)
 
     def host(self) -> Host:
         return Host(
@@ -83,6 +85,7 @@ class Agent:
             seed=int(self.settings.get("seed", 0)),
             version_lock=str(self.settings.get("version-lock", "latest")).removeprefix("v"),
             ignore_waves=bool(self.settings.get("ignore-waves", False)),
+            failed=frozenset(failed_versions(self.paths)),
         )
 
     def repo(self) -> TrustedRepo:
@@ -187,6 +190,19 @@ class Agent:
     def _deactivate(self, st: Status) -> None:
         self.slots.apply("cancel-upgrade")
         st.update_state = STAGED
+
+
+def failed_versions(paths: Paths) -> set[Version]:
+    """Versions the health gate or GRUB rolled back from on this host (failures.json)."""
+    try:
+        entries = json.loads(paths.failures.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return set()
+    out = set()
+    for e in entries if isinstance(entries, list) else []:
+        with contextlib.suppress(Exception):
+            out.add(Version.parse(str(e.get("version"))))
+    return out
 
 
 def _describe(u: Update) -> dict[str, str]:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from kiln.host.slot import Slots
-from kiln.host.update.agent import acquire
+from kiln.host.update.agent import acquire, failed_versions
 from kiln.host.update.status import Paths, Status, read_versions, reconcile
 
 Launcher = Callable[[str, int], None]  # (command, locked fd): must close the fd when done
@@ -52,7 +52,8 @@ class UpdateControl:
 
     def status(self) -> dict[str, Any]:
         st = Status.load(self.paths.status)
-        st = reconcile(st, self.slots().state().to_json(), self.version(), read_versions(self.paths))
+        failed = frozenset(str(v) for v in failed_versions(self.paths))
+        st = reconcile(st, self.slots().state().to_json(), self.version(), read_versions(self.paths), failed)
         st.last_failure = last_failure(self.paths)
         return asdict(st)
 

@@ -28,10 +28,10 @@ from typing import Any
 from kiln.host.update import waves as wavemath
 
 IMAGE_KEYS = ("boot", "root", "hash")
-_VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
-_MIGRATION_KEY = re.compile(r"^\(\s*(v?\d+\.\d+\.\d+)\s*,\s*(v?\d+\.\d+\.\d+)\s*\)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)", re.ASCII)  # whole text: fullmatch
+_MIGRATION_KEY = re.compile(r"\(\s*(v?\d+\.\d+\.\d+)\s*,\s*(v?\d+\.\d+\.\d+)\s*\)", re.ASCII)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class ManifestError(ValueError):
@@ -46,7 +46,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str, where: str = "version") -> Version:
-        m = _VERSION.match(text) if isinstance(text, str) else None
+        m = _VERSION.fullmatch(text) if isinstance(text, str) else None
         if not m:
             raise ManifestError(f"{where}: '{text}' is not MAJOR.MINOR.PATCH")
         return cls(int(m[1]), int(m[2]), int(m[3]))
@@ -118,13 +118,13 @@ class Manifest:
             raise ManifestError("manifest.json: migrations: expected an object")
         migrations: dict[tuple[Version, Version], list[str]] = {}
         for key, names in raw_migrations.items():
-            m = _MIGRATION_KEY.match(key)
+            m = _MIGRATION_KEY.fullmatch(key)
             if not m:
                 raise ManifestError(f"migrations: key '{key}' is not '(FROM, TO)'")
             pair = (Version.parse(m[1], f"migrations.{key}"), Version.parse(m[2], f"migrations.{key}"))
             if not pair[0] < pair[1]:
                 raise ManifestError(f"migrations.{key}: FROM must be lower than TO")
-            if not isinstance(names, list) or not all(isinstance(n, str) and _TARGET.match(n) for n in names):
+            if not isinstance(names, list) or not all(isinstance(n, str) and _TARGET.fullmatch(n) for n in names):
                 raise ManifestError(f"migrations.{key}: expected a list of target names")
             migrations[pair] = list(names)
         return cls(updates, migrations)
@@ -193,7 +193,7 @@ def _update(doc: Any, where: str) -> Update:
         raise ManifestError(f"{where}.waves: expected an object")
     waves: dict[int, datetime] = {}
     for seed, when in raw_waves.items():
-        if not str(seed).isdigit() or int(seed) > wavemath.MAX_SEED:
+        if not (str(seed).isascii() and str(seed).isdigit()) or int(seed) > wavemath.MAX_SEED:
             raise ManifestError(f"{where}.waves: '{seed}' is not a seed in 0..{wavemath.MAX_SEED}")
         waves[int(seed)] = parse_time(when, f"{where}.waves.{seed}")
     ordered = [waves[s] for s in sorted(waves)]
@@ -205,15 +205,15 @@ def _update(doc: Any, where: str) -> Update:
         img = _field(raw_images, key, dict, f"{where}.images")
         w = f"{where}.images.{key}"
         target = _field(img, "target", str, w)
-        if not _TARGET.match(target):
+        if not _TARGET.fullmatch(target):
             raise ManifestError(f"{w}.target: '{target}' is not a plain file name")
         digest = _field(img, "sha256", str, w)
-        if not _SHA256.match(digest):
+        if not _SHA256.fullmatch(digest):
             raise ManifestError(f"{w}.sha256: not a sha256 hex digest")
         images[key] = Image(target, _field(img, "size", int, w), digest)
     verity = _field(doc, "verity", dict, where)
     root_hash = _field(verity, "root_hash", str, f"{where}.verity")
-    if not _SHA256.match(root_hash):
+    if not _SHA256.fullmatch(root_hash):
         raise ManifestError(f"{where}.verity.root_hash: not a sha256 hex digest")
     return Update(
         variant=_field(doc, "variant", str, where),
@@ -239,6 +239,7 @@ class Host:
     seed: int
     version_lock: str = "latest"
     ignore_waves: bool = False
+    failed: frozenset[Version] = frozenset()  # versions that fell back on this host: not retried
 
 
 @dataclass(frozen=True)
@@ -267,12 +268,18 @@ def choose(manifest: Manifest, host: Host, now: datetime) -> Choice:
         return host.version < u.version or host.version > u.max_version
 
     candidates = [u for u in valid if wanted(u)]
+    skipped = [u for u in candidates if u.version in host.failed]
+    candidates = [u for u in candidates if u.version not in host.failed]
     if host.version_lock != "latest":
         lock = Version.parse(host.version_lock, "settings.updates.version-lock")
         if lock == host.version:
             return Choice(None, available, f"locked to {lock} (settings.updates.version-lock), which is running")
         if not candidates:
             return Choice(None, available, f"locked to {lock} (settings.updates.version-lock), not in the repository")
+    if not candidates and skipped:
+        return Choice(
+            None, available, f"{skipped[0].version} failed on this host before and is not retried (last_failure)"
+        )
     if not candidates:
         return Choice(None, available, f"{host.version} is the newest release for {host.variant}")
     if host.ignore_waves:

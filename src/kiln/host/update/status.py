@@ -155,10 +155,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reconcile(st: Status, slots: dict[str, Any], running: str, versions: dict[str, str]) -> Status:
+def reconcile(
+    st: Status, slots: dict[str, Any], running: str, versions: dict[str, str], failed: frozenset[str] = frozenset()
+) -> Status:
     """Make `st` agree with the slots (`SlotState.to_json()`) and the running version.
 
-    `versions` maps a slot to the version last written there (slots.json)."""
+    `versions` maps a slot to the version last written there (slots.json); `failed` holds
+    the versions this host rolled back from."""
     active = slots["active"]
     inactive = "B" if active == "A" else "A"
     flags = slots[inactive]
@@ -179,6 +182,9 @@ def reconcile(st: Status, slots: dict[str, Any], running: str, versions: dict[st
     if st.chosen_update and st.chosen_update.get("version") == running:
         # Booted into what was chosen: the update is done.
         st.update_state, st.chosen_update, st.staged_version = IDLE, None, None
+    elif st.chosen_update and st.chosen_update.get("version") in failed and st.update_state == AVAILABLE:
+        # Tried and rolled back from: not chosen again (see last_failure).
+        st.update_state, st.chosen_update = IDLE, None
     st.active_partition = {"slot": active, "version": running, "next_to_boot": slots["next"] == active}
     st.staging_partition = {
         "slot": inactive,
