@@ -1,16 +1,19 @@
 """An HTTP server for a repository under a test's control: serves `metadata/` and
 `targets/` of a `kiln repo` directory like `kiln repo serve`, but each response can be
-replaced, slowed down or made endless, to play a slow link or a malicious mirror."""
+replaced, slowed down, made endless or sent as raw bytes, to play a slow link or a
+malicious mirror."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
+from kiln.repo import admin, publish
 from kiln.repo.serve import RepoUrls
 
 # A hook gets (path, the file's bytes or None) and returns bytes to send, or None for 404.
@@ -21,9 +24,12 @@ class ControlledRepo(RepoUrls):
     def __init__(self, directory: Path, *, rate: int | None = None) -> None:
         self.directory = directory
         self.rate = rate  # bytes per second for every response (None: as fast as possible)
+        self.rates: dict[str, int] = {}  # per request path, overriding `rate`
         self.hooks: dict[str, Hook] = {}  # by request path, e.g. "/metadata/timestamp.json"
-        self.endless: set[str] = set()  # paths answered with an endless body
+        self.endless: set[str] = set()  # paths whose body (the file, or the hook's bytes) never ends
+        self.raw: dict[str, bytes] = {}  # paths answered with exactly these bytes (status line included)
         self.requests: list[str] = []
+        self.sent: dict[str, int] = {}  # body bytes written, by path
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,36 +38,37 @@ class ControlledRepo(RepoUrls):
 
             def do_GET(self) -> None:
                 outer.requests.append(self.path)
-                if self.path in outer.endless:
-                    self.send_response(200)
-                    self.end_headers()
-                    try:
-                        for _ in range(1 << 16):  # bounded: 4 GiB at most, the client stops far earlier
-                            self.wfile.write(b"\0" * 65536)
-                    except OSError:
-                        pass
+                if self.path in outer.raw:
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(outer.raw[self.path])
+                    self.close_connection = True
                     return
                 data = outer.read(self.path)
                 if self.path in outer.hooks:
                     data = outer.hooks[self.path](self.path, data)
-                if data is None:
+                endless = self.path in outer.endless
+                if data is None and not endless:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                if not endless:
+                    self.send_header("Content-Length", str(len(data or b"")))
                 self.end_headers()
-                step = 64 * 1024
+                rate = outer.rates.get(self.path, outer.rate)
+                # A slow rate is sent in small pieces, 20 a second: a trickle, not bursts.
+                step = max(1, min(64 * 1024, rate // 20)) if rate else 64 * 1024
                 try:
-                    for pos in range(0, len(data), step):
-                        self.wfile.write(data[pos : pos + step])
-                        if outer.rate:
-                            time.sleep(step / outer.rate)
+                    for piece in _pieces(data or b"", step, endless):
+                        self.wfile.write(piece)
+                        outer.sent[self.path] = outer.sent.get(self.path, 0) + len(piece)
+                        if rate:
+                            time.sleep(len(piece) / rate)
                 except OSError:
                     pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def read(self, path: str) -> bytes | None:
         parts = path.split("?")[0].strip("/").split("/")
@@ -82,3 +89,25 @@ class ControlledRepo(RepoUrls):
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def published(directory: Path, *releases: Path) -> Iterator[ControlledRepo]:
+    """A new repository at `directory` with `releases` (artifacts directories) published
+    without waves, served."""
+    admin.init(directory)
+    for release in releases:
+        publish.add(directory, release, waves="none")
+    with ControlledRepo(directory) as srv:
+        yield srv
+
+
+def _pieces(data: bytes, step: int, endless: bool) -> Iterator[bytes]:
+    """`data` in pieces of `step` bytes; then, if endless, zeros (bounded: 4 GiB at most,
+    the client stops far earlier)."""
+    for pos in range(0, len(data), step):
+        yield data[pos : pos + step]
+    if endless:
+        zeros = bytes(step)
+        for _ in range((4 << 30) // step):
+            yield zeros

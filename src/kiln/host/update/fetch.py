@@ -46,8 +46,10 @@ class HttpFetcher(FetcherInterface):
             while True:
                 try:
                     chunk = response.read1(CHUNK)  # what has arrived: the deadline is checked often
-                except (OSError, ValueError) as e:
-                    raise exceptions.DownloadError(f"{url}: connection failed after {read} bytes: {e}") from None
+                except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: a cut chunked body
+                    raise exceptions.DownloadError(
+                        f"{url}: connection failed after {read} bytes: {type(e).__name__}: {e}"
+                    ) from None
                 if not chunk:
                     return
                 read += len(chunk)

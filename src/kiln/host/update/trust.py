@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,25 +46,49 @@ class Source:
 
 
 @contextlib.contextmanager
-def translated(what: str) -> Iterator[None]:
-    """Turn python-tuf's exceptions into Kiln's two families, naming what was being done."""
+def translated(what: str, fetched: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """Turn python-tuf's exceptions into Kiln's two families, naming what was being done
+    and, where python-tuf's message does not, the file (`fetched()`: the last one asked
+    for, or "")."""
+
+    def file() -> str:
+        name = fetched().rsplit("/", 1)[-1]
+        return f"{name}: " if name else ""
+
     try:
         yield
     except exceptions.ExpiredMetadataError as e:
         raise MetadataExpired(f"{what}: {e}", hint="the repository must be refreshed (kiln repo refresh)") from None
     except exceptions.RepositoryError as e:
-        raise UntrustedUpdate(f"{what}: {type(e).__name__}: {e}") from None
+        raise UntrustedUpdate(f"{what}: {file()}{type(e).__name__}: {e}") from None
+    except exceptions.DownloadLengthMismatchError as e:  # more bytes than signed (or than a role may have)
+        raise UntrustedUpdate(f"{what}: {file()}{e}") from None
     except exceptions.DownloadError as e:
         raise RepositoryUnreachable(f"{what}: {e}") from None
     except (ValueError, KeyError, TypeError) as e:  # malformed metadata that fails to parse
-        raise UntrustedUpdate(f"{what}: malformed metadata: {e}") from None
+        raise UntrustedUpdate(f"{what}: {file()}malformed metadata: {e}") from None
+
+
+class _Recording(FetcherInterface):
+    """A fetcher that remembers the last URL asked for, so errors can name the file."""
+
+    def __init__(self, inner: FetcherInterface) -> None:
+        self.inner = inner
+        self.last = ""
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.last = url
+        return self.inner.fetch(url)
+
+    def fetched(self) -> str:
+        return self.last
 
 
 class TrustedRepo:
     def __init__(self, source: Source, metadata_dir: Path, fetcher: FetcherInterface | None = None) -> None:
         self.source = source
         self.metadata_dir = metadata_dir
-        self.fetcher = fetcher or HttpFetcher()
+        self.fetcher = _Recording(fetcher or HttpFetcher())
         metadata_dir.mkdir(parents=True, exist_ok=True)
         with translated("loading the trusted root"):
             self.updater = Updater(
@@ -78,7 +102,7 @@ class TrustedRepo:
 
     def refresh(self) -> Manifest:
         """Refresh the top-level metadata and return the verified manifest."""
-        with translated(f"refreshing metadata from {self.source.metadata_url}"):
+        with translated(f"refreshing metadata from {self.source.metadata_url}", self.fetcher.fetched):
             self.updater.refresh()
         data = b"".join(self.stream(MANIFEST, max_length=MANIFEST_MAX))
         try:
