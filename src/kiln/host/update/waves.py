@@ -32,8 +32,11 @@ def ready_at(waves: Mapping[int, datetime], seed: int) -> datetime | None:
         return start
     end_seed = after[0]
     end = waves[end_seed]
-    per_seed = (end - start) // (end_seed - start_seed)  # truncated, as Bottlerocket's Duration
-    return min(end, start + per_seed * seed)  # the wave's end caps a large absolute seed
+    # In whole microseconds: per seed truncated, as Bottlerocket's Duration; the wave's end
+    # caps a large absolute seed (and keeps a far-off end from overflowing datetime).
+    span = (end - start) // timedelta(microseconds=1)
+    offset = span // (end_seed - start_seed) * seed
+    return end if offset >= span else start + timedelta(microseconds=offset)
 
 
 def is_ready(waves: Mapping[int, datetime], seed: int, now: datetime) -> bool:
