@@ -30,7 +30,7 @@ DEFAULT_EXPIRES = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 7}
 MAX_EXPIRES_DAYS = 36500
 MANIFEST_TARGET = "manifest.json"
 # Target names and served file names: one plain path component.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*", re.ASCII)  # used with fullmatch
 _ROOT_FILE = re.compile(r"^([1-9]\d*)\.root\.json$")
 SETTINGS_FORMAT = 1
 

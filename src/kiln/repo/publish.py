@@ -111,7 +111,7 @@ def read_artifacts(path: Path) -> Artifacts:
         entry = field(raw, key, dict, "images.")
         where = f"images.{key}."
         name = field(entry, "file", str, where)
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise KilnError(f"{manifest}: {where}file: '{name}' is not a plain file name")
         file = manifest.parent / name
         if not file.is_file():
@@ -154,7 +154,7 @@ def parse_migration(spec: str, to: Version) -> Migration:
     if not file.is_file():
         raise KilnError(f"--migration '{spec}': {file} is not a file")
     target = f"migrate_{to}_{file.name}"
-    if not NAME.match(file.name):
+    if not NAME.fullmatch(file.name):
         raise KilnError(f"--migration '{spec}': '{file.name}' is not a plain file name (letters, digits, . _ + -)")
     return Migration(from_version, file, target)
 

@@ -42,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) != 3 or parts[0] != "" or parts[1] not in self.server.roots:
             return None
         name = unquote(parts[2])
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             return None
         base = self.server.roots[parts[1]]
         path = base / name

@@ -54,7 +54,7 @@ class Staging:
 
     def add_file(self, name: str, src: Path, *, size: int | None = None, sha256: str | None = None) -> Staged:
         """Copy `src` in as target `name`; with `size`/`sha256`, refuse a file that differs."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise KilnError(f"target name '{name}' is not a plain file name (letters, digits, . _ + -)")
         tmp = self._tmp(name)
         digest = hashlib.sha256()
