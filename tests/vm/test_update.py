@@ -5,17 +5,21 @@ through QEMU user networking; the guest's own `kiln update` drives its update ag
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kiln import pki
 from kiln.repo import publish
 from kiln.repo.serve import RepoServer
-from kiln.vm.qemu import Vm
+from kiln.vm.qemu import Forward, Vm, free_port, qmp
 from tests.conftest import Images, UpdateRepo, raw_copy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -66,6 +70,74 @@ def republish_panicking(src: Path, version: str, dest: Path) -> Path:
     return dest
 
 
+class PowerCuts:
+    """The disk as a power cut at ten points of one `kiln update apply --reboot` (and of
+    the new version's first boot) leaves it: at each point the VM is paused (QEMU finishes
+    the writes in flight), its raw disk copied, and resumed; the guest's page cache is not
+    flushed, as in a real cut. Each copy is later booted in a fresh QEMU (two at a time)
+    and must come up ready on a valid version: the old one while the new slot is
+    incomplete or unconfirmed, the new one once it was activated."""
+
+    OLD, NEW = {"1.0.0 A"}, {"2.0.0 B"}
+
+    def __init__(self, vm: Vm, disk: Path, tmp: Path) -> None:
+        self.vm, self.disk, self.tmp = vm, disk, tmp
+        self.qmp = vm.cfg.workdir / "qmp.sock"
+        self.cuts: list[tuple[str, Path, set[str]]] = []
+
+    def cut(self, name: str, expect: set[str]) -> None:
+        assert qmp(self.qmp, "stop").get("return") == {}
+        copy = raw_copy(self.disk, self.tmp / f"cut{len(self.cuts)}.img")
+        assert qmp(self.qmp, "cont").get("return") == {}
+        self.cuts.append((name, copy, expect))
+
+    def progress(self, image: str) -> int:
+        found = re.findall(rf"writing {image}:\s+(\d+) %", self.vm.output)
+        return max((int(p) for p in found), default=-1)
+
+    def until(self, what: str, done: Callable[[], bool], timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.2)
+
+    def during_apply_and_first_boot(self) -> None:
+        vm, old, new = self.vm, self.OLD, self.NEW
+        vm.send("kiln update apply --reboot\n")
+        time.sleep(2.0)
+        self.cut("refreshing metadata", old)
+        for pct in (10, 45, 80):
+            self.until(f"root {pct} %", lambda pct=pct: self.progress("root") >= pct)
+            self.cut(f"writing root ({pct} %)", old)
+        self.until("boot image", lambda: self.progress("boot") >= 0)
+        self.cut("writing boot", old)
+        self.until("hash image", lambda: self.progress("hash") >= 100)
+        self.cut("verity check of the written slot", old | new)  # check, mark-valid, activate race the cut
+        vm.wait_for(r"state: Ready", 300)
+        self.cut("activated, before the reboot", new)
+        vm.wait_for(r"systemd-shutdown|reboot: Restarting system", 300)
+        self.cut("shutting down", new)
+        vm.wait_for(r"kiln-grub: booting slot B", 300)
+        vm.wait_for(r"Booting in blind mode", 60)  # GRUB hands over to the kernel (quiet: no kernel lines)
+        time.sleep(2.0)
+        self.cut("first boot of 2.0.0, its try spent", old)  # never confirmed: GRUB falls back
+        vm.wait_for(r"kiln: datastore 1\.0\.0 -> 2\.0\.0", 300)
+        self.cut("first boot of 2.0.0, datastore migrated", old)  # 1.0.0 migrates it back
+
+    def boot_all(self, boot: Callable[..., Vm]) -> None:
+        results = []
+        for i in range(0, len(self.cuts), 2):
+            pair = [(c, boot(c[1], overlay=True, cpus=1)) for c in self.cuts[i:i + 2]]
+            for (name, _, expect), vm in pair:
+                m = vm.wait_ready(420)
+                results.append((name, f"{m.group(1)} {m.group(3)}", expect))
+                vm.kill()
+        bad = [(name, got, expect) for name, got, expect in results if got not in expect]
+        assert not bad, f"booted the wrong version after a power cut: {bad}"
+        assert len(results) == 10
+
+
 class Health:
     """The HTTP health check the hosts are configured with (settings.health.http-check),
     answered on the host's loopback; the test decides whether it passes."""
@@ -112,22 +184,27 @@ def test_update_rollback_and_broken_releases(
     v1, v2, v31 = images.get("1.0.0"), images.get("2.0.0"), images.get("3.1.0")
     publish.add(served.path, v2.manifest.parent, waves="none", migrations=[f"1.0.0:{MIGRATION}"])
     disk = raw_copy(v1.disk, tmp_path / "disk.img")
+    fleet = tmp_path / "pki"
+    pki.init(fleet)
     user_data = tmp_path / "user-data.toml"
-    user_data.write_text(f"""
+    user_data.write_text(pki.user_data(fleet) + f"""
 [settings.health]
 units = ["containerd.service", "kiln-apiserver.socket"]
 http-check = "http://10.0.2.2:{health.port}/healthz"
 timeout = 20
 """)
-    vm = boot(disk, overlay=False, cpus=2, user_data=user_data)
+    port = free_port()
+    vm = boot(disk, overlay=False, cpus=2, user_data=user_data, forwards=(Forward(port, 50000),))
     assert vm.wait_ready(300).group(1, 3) == ("1.0.0", "A")
     vm.check("echo from-v1 > /local/marker && kiln settings set network.hostname=updated-host")
     assert setting(vm, "motd") == {"motd": "Welcome to Kiln!"}
 
-    # --- v1 -> v2: check, apply, reboot; data and settings survive, the migration ran
+    # --- v1 -> v2: check, apply, reboot; data and settings survive, the migration ran.
+    # Meanwhile the disk is captured at ten points (see PowerCuts), booted at the end.
     check = json.loads(vm.check("kiln update check --json", timeout=240))
     assert check["update_state"] == "Available" and check["chosen_update"]["version"] == "2.0.0"
-    vm.check("kiln update apply --reboot", timeout=900)
+    cuts = PowerCuts(vm, disk, tmp_path)
+    cuts.during_apply_and_first_boot()
     assert vm.wait_ready(300).group(1, 3) == ("2.0.0", "B")
     assert vm.check("cat /local/marker").strip() == "from-v1"
     assert setting(vm, "network.hostname") == {"network": {"hostname": "updated-host"}}
@@ -138,8 +215,12 @@ timeout = 20
     assert st["active_partition"] == {"slot": "B", "version": "2.0.0", "next_to_boot": True}
     assert st["staging_partition"]["version"] == "1.0.0"
 
-    # --- manual rollback: v1 again, with 2.0.0's migration run backward by 1.0.0
+    # --- manual rollback: v1 again, with 2.0.0's migration run backward by 1.0.0. The
+    # power is cut (QEMU killed) while it shuts down for that; the next QEMU boots 1.0.0.
     vm.check("kiln rollback")
+    vm.wait_for(r"systemd-shutdown|reboot: Restarting system", 300)
+    vm.kill()
+    vm = boot(disk, overlay=False, cpus=2, forwards=(Forward(port, 50000),))
     assert vm.wait_ready(300).group(1, 3) == ("1.0.0", "A")
     assert setting(vm, "motd") == {"motd": "Welcome to Kiln!"}, "the migration did not run backward"
     assert setting(vm, "network.hostname") == {"network": {"hostname": "updated-host"}}
@@ -169,3 +250,13 @@ timeout = 20
     assert failure["version"] == "3.1.0"
     assert "health gate failed: health check http://10.0.2.2" in failure["reason"] and "503" in failure["reason"]
     assert setting(vm, "motd") == {"motd": "Welcome to Kiln 2!"}
+
+    # --- the same status from the workstation, over the mutual-TLS API
+    remote = [sys.executable, "-m", "kiln.cli.main", "--endpoint", f"127.0.0.1:{port}", "--pki", str(fleet)]
+    out = subprocess.run([*remote, "update", "status"], capture_output=True, text=True, timeout=120, check=True)
+    assert "running: 2.0.0 (slot B)" in out.stdout
+    assert "last failed update: 3.1.0" in out.stdout and "HTTP 503" in out.stdout
+    vm.kill()
+
+    # --- every disk captured during the v1 -> v2 update boots ready on a valid version
+    cuts.boot_all(boot)

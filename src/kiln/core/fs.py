@@ -21,6 +21,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (and `path`): a tree written without
+    fsync (a copy, a migration) can otherwise come back from a power cut as empty files
+    even though the rename that published it survived (ext4 delayed allocation)."""
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            if os.path.islink(os.path.join(dirpath, name)):
+                continue  # a link is an entry in its directory, synced with it
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created if missing): one holder at a time across

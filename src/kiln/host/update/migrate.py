@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.core.fs import atomic_write, fsync_dir
+from kiln.core.fs import atomic_write, fsync_dir, sync_tree
 from kiln.host.update.errors import UntrustedUpdate, UpdateError
 from kiln.host.update.manifest import Manifest, ManifestError, Version
 
@@ -57,6 +57,7 @@ def cache(repo: TrustedRepo, manifest: Manifest, current: Version, target: Versi
     repo.save(MANIFEST, dest / MANIFEST, 4 << 20)
     fresh = dest / ".metadata.new"
     repo.snapshot_metadata(fresh)
+    sync_tree(fresh)
     if (dest / "metadata").exists():
         shutil.rmtree(dest / "metadata")
     fresh.rename(dest / "metadata")
@@ -157,6 +158,7 @@ def apply(store_root: Path, p: Plan) -> list[str]:
             if not (out / "live" / "settings.json").is_file():
                 raise MigrationFailed(f"migration {name} wrote no live/settings.json")
             step = out
+        sync_tree(step)  # the contents reach the disk before any rename publishes them
         final = store_root / f"v{p.target}"
         staged = store_root / f".v{p.target}.new"
         if staged.exists():
