@@ -53,6 +53,7 @@ bench: setup
 	$(SUDO) $(PY) bench/boot_time.py
 	$(SUDO) $(PY) bench/api_latency.py
 	$(SUDO) $(PY) bench/guest_api.py
+	$(SUDO) $(PY) bench/update.py
 
 clean:
 	rm -rf build

@@ -87,6 +87,19 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def emit(name: str, result: dict[str, Any], report: str, as_json: bool) -> Path:
+    """Write bench/results/<name>.json, then print it (`--json`) or the report and the machine."""
+    path = write_result(name, result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        info = result["machine"]
+        print(report)
+        print(f"\nmachine: {info['cpus']} x {info['cpu']}, load {info['loadavg_at_start']} -> "
+              f"{info.get('loadavg_at_end')}; wrote {path.relative_to(REPO)}")
+    return path
+
+
 # ------------------------------------------------------------------ machine
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
@@ -290,12 +303,16 @@ class SerialClock(io.StringIO):
         i = bisect.bisect_right(self._ends, offset)
         return self._times[min(i, len(self._times) - 1)] - self.t0
 
-    def first(self, pattern: str | re.Pattern[str]) -> float | None:
-        """Seconds from QEMU start until the first match of `pattern` had fully arrived."""
+    def first(self, pattern: str | re.Pattern[str], after: float | None = None) -> float | None:
+        """Seconds from QEMU start until the first match of `pattern` had fully arrived;
+        with `after`, the first match that arrived at or after that time (in seconds)."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         with self._lock:
-            m = rx.search(self._text)
-            return None if m is None else self._at(max(m.end() - 1, 0))
+            for m in rx.finditer(self._text):
+                t = self._at(max(m.end() - 1, 0))
+                if after is None or t >= after:
+                    return t
+            return None
 
     def stamped(self) -> list[tuple[float, str]]:
         """Lines, each with the time its last character arrived, terminal escapes removed."""

@@ -330,13 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_kib": rss,
         "runs": runs,
     }
-    path = B.write_result("api_latency", result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(report(result))
-        print(f"\nmachine: {info['cpus']} x {info['cpu']}, load {info['loadavg_at_start']} -> "
-              f"{info['loadavg_at_end']}; wrote {path.relative_to(B.REPO)}")
+    B.emit("api_latency", result, report(result), args.json)
     return 0
 
 
