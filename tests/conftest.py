@@ -85,13 +85,16 @@ def built(images: Images) -> BuildResult:
 
 @pytest.fixture
 def boot(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Vm]]:
-    """Start VMs; every one is killed (its whole process group) at teardown."""
+    """Start VMs; every one is killed (its whole process group) at teardown. A guest
+    reboot is a new QEMU on the same disk (VmConfig.cold_reboot): QEMU 7.2's warm reset
+    under TCG sometimes hangs for good."""
     started: list[Vm] = []
 
-    def start(image: Path, *, overlay: bool = True, cpus: int = 1, **kw: object) -> Vm:
+    def start(image: Path, *, overlay: bool = True, cpus: int = 1, cold_reboot: bool = True, **kw: object) -> Vm:
         workdir = tmp_path / f"vm{len(started)}"
         log = tmp_path / f"serial{len(started)}.log"
-        vm = Vm(VmConfig(image, workdir, cpus=cpus, overlay=overlay, accel="tcg", **kw), serial_log=log)  # type: ignore[arg-type]
+        cfg = VmConfig(image, workdir, cpus=cpus, overlay=overlay, accel="tcg", cold_reboot=cold_reboot, **kw)  # type: ignore[arg-type]
+        vm = Vm(cfg, serial_log=log)
         started.append(vm)
         return vm.start()
 

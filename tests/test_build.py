@@ -29,6 +29,7 @@ from kiln.build.pipeline import BuildOptions, BuildResult, build, source_date_ep
 from kiln.core.errors import KilnError
 from kiln.core.progress import Progress
 from kiln.variant import MiB, Variant, load_variant
+from tests.conftest import UpdateRepo
 
 KILN = Path(sys.executable).with_name("kiln")
 NAMES = [
@@ -196,22 +197,25 @@ def manifest_of(result: BuildResult) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cli_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """Extra build #1: `kiln build --json`, run as a user would."""
+def cli_build(tmp_path_factory: pytest.TempPathFactory, update_repo: UpdateRepo) -> tuple[Path, dict[str, Any]]:
+    """Extra build #1: `kiln build --json`, run as a user would (trusting the session's
+    update repository, as the session's images do)."""
     base = tmp_path_factory.mktemp("cli-build")
     out = base / "out"
-    res = run(KILN, "build", "--json", "--output", out, check=False, cwd=base)
+    res = run(KILN, "build", "--json", "--output", out, "--update-repo", update_repo.path,
+              "--update-url", update_repo.guest_url, check=False, cwd=base)
     assert res.returncode == 0, res.stderr
     data: dict[str, Any] = json.loads(res.stdout)
     return out, data
 
 
 @pytest.fixture(scope="module")
-def second_build(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+def second_build(tmp_path_factory: pytest.TempPathFactory, update_repo: UpdateRepo) -> BuildResult:
     """Extra build #2: the same inputs as `built`, into another directory."""
     out = tmp_path_factory.mktemp("second-build") / "elsewhere" / "container-host"
     variant = load_variant().with_version("1.0.0")
-    opts = BuildOptions(variant, out, debug_console=False, sde=source_date_epoch())
+    opts = BuildOptions(variant, out, debug_console=False, sde=source_date_epoch(),
+                        update_root=update_repo.path, update_url=update_repo.guest_url)
     return build(opts, Progress(quiet=True))
 
 

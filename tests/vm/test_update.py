@@ -116,7 +116,8 @@ class PowerCuts:
         self.cut("verity check of the written slot", old | new)  # check, mark-valid, activate race the cut
         vm.wait_for(r"state: Ready", 300)
         self.cut("activated, before the reboot", new)
-        vm.wait_for(r"systemd-shutdown|reboot: Restarting system", 300)
+        vm.wait_for(r"rebooting into 2\.0\.0", 300)
+        time.sleep(1.5)
         self.cut("shutting down", new)
         vm.wait_for(r"kiln-grub: booting slot B", 300)
         vm.wait_for(r"Booting in blind mode", 60)  # GRUB hands over to the kernel (quiet: no kernel lines)
@@ -217,8 +218,8 @@ timeout = 20
 
     # --- manual rollback: v1 again, with 2.0.0's migration run backward by 1.0.0. The
     # power is cut (QEMU killed) while it shuts down for that; the next QEMU boots 1.0.0.
-    vm.check("kiln rollback")
-    vm.wait_for(r"systemd-shutdown|reboot: Restarting system", 300)
+    assert "rebooting" in vm.check("kiln rollback")
+    time.sleep(1.0)
     vm.kill()
     vm = boot(disk, overlay=False, cpus=2, forwards=(Forward(port, 50000),))
     assert vm.wait_ready(300).group(1, 3) == ("1.0.0", "A")
