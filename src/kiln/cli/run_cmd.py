@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
         cfg = VmConfig(image, Path(tmp), memory_mib=args.memory, cpus=args.cpus,
                        forwards=parse_forwards(args.forward), accel=args.accel,
-                       disk_size=args.disk_size * 2**20 if args.disk_size else None, user_data=args.user_data)
+                       disk_size=args.disk_size * 2**20 if args.disk_size else None, user_data=args.user_data,
+                       cold_reboot=args.headless)  # headless: a guest reboot (an update) is a fresh QEMU
         if not args.headless:
             vm = Vm(cfg, interactive=True).start()
             print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)
