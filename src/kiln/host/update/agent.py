@@ -94,7 +94,7 @@ class Agent:
         urls = {}
         for key in ("metadata-base-url", "targets-base-url"):
             if not self.settings.get(key):
-                raise UpdateError(f"settings.updates.{key} is not set", hint="kiln settings set updates.{key}=URL")
+                raise UpdateError(f"settings.updates.{key} is not set", hint=f"kiln settings set updates.{key}=URL")
             urls[key] = str(self.settings[key])
         try:
             root = self.paths.root.read_bytes()
