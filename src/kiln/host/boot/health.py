@@ -10,16 +10,12 @@ failure: the host only stays not-ready and says why.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from kiln.core.fs import atomic_write
 
 READY_TARGET = "kiln-ready.target"
 DEFAULT_TIMEOUT = 120
@@ -78,16 +74,3 @@ def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_
         if time.monotonic() >= deadline:
             return "; ".join(problems) + f" (after {check.timeout:.0f} s)"
         time.sleep(POLL)
-
-
-def record_failure(path: Path, entry: dict[str, Any], keep: int = 20) -> None:
-    """Append to the failures log (newest last, bounded)."""
-    try:
-        failures = json.loads(path.read_bytes())
-        if not isinstance(failures, list):
-            failures = []
-    except (FileNotFoundError, ValueError):
-        failures = []
-    failures = [*failures, entry][-keep:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(failures, indent=1).encode() + b"\n")

@@ -52,7 +52,7 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
     import json
     import time
 
-    from kiln.host.update.status import read_versions, write_versions
+    from kiln.host.update.status import read_versions, record_failure, write_versions
 
     other, mine = st.flags(st.inactive), st.flags(slots.active or "A")
     if not (other.priority > mine.priority and not other.will_boot and not other.successful):
@@ -65,7 +65,7 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
     version = read_versions(paths).get(st.inactive) or note.get("version") or "unknown"
     entry = {"version": version, "slot": st.inactive, "reason": reason or UNHEALTHY,
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "running": running}
-    health.record_failure(paths.failures, entry)
+    record_failure(paths, entry)
     say(f"kiln: update to {version} failed ({entry['reason']}); rolled back to {running} on slot {slots.active}")
     slots.apply("clear-inactive")
     write_versions(paths, {st.inactive: None})

@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.core.errors import KilnError
 from kiln.host.api.client import ApiRefused, ApiUnreachable, Client
+from kiln.host.cli.api import _client
 
 POLL = 0.5
 TIMEOUTS = {"refresh": 300.0, "prepare": 3600.0, "activate": 120.0, "deactivate": 120.0}
@@ -25,11 +26,6 @@ PATHS = {
     "activate": "/actions/activate-update",
     "deactivate": "/actions/deactivate-update",
 }
-
-
-def _client(args: argparse.Namespace) -> Client:
-    client: Client = args.make_client(args)
-    return client
 
 
 def run_command(client: Client, command: str, *, show: bool) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.core.errors import KilnError
 from kiln.host.slot import Slots
 from kiln.host.update.errors import Busy, NothingChosen, UpdateError
-from kiln.host.update.manifest import Choice, Host, Manifest, Update, Version, choose, format_time
+from kiln.host.update.manifest import Choice, Host, Manifest, ManifestError, Update, Version, choose, format_time
 from kiln.host.update.status import (
     AVAILABLE,
     IDLE,
@@ -33,8 +33,8 @@ from kiln.host.update.status import (
     STAGED,
     Paths,
     Status,
-    read_versions,
-    reconcile,
+    current,
+    read_failures,
     write_versions,
 )
 
@@ -73,9 +73,7 @@ class Agent:
 
     # --- state --------------------------------------------------------------------
     def status(self) -> Status:
-        st = Status.load(self.paths.status)
-        failed = frozenset(str(v) for v in failed_versions(self.paths))
-        return reconcile(st, self.slots.state().to_json(), self.version, read_versions(self.paths), failed)
+        return current(self.paths, self.slots.state().to_json(), self.version)
 
     def host(self) -> Host:
         return Host(
@@ -194,13 +192,9 @@ class Agent:
 
 def failed_versions(paths: Paths) -> set[Version]:
     """Versions the health gate or GRUB rolled back from on this host (failures.json)."""
-    try:
-        entries = json.loads(paths.failures.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return set()
     out = set()
-    for e in entries if isinstance(entries, list) else []:
-        with contextlib.suppress(Exception):
+    for e in read_failures(paths):
+        with contextlib.suppress(ManifestError):
             out.add(Version.parse(str(e.get("version"))))
     return out
 

@@ -9,7 +9,6 @@ reported before anything starts. The caller polls `GET /updates/status`.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from dataclasses import asdict
 from typing import Any
 
 from kiln.host.slot import Slots
-from kiln.host.update.agent import acquire, failed_versions
-from kiln.host.update.status import Paths, Status, read_versions, reconcile
+from kiln.host.update.agent import acquire
+from kiln.host.update.status import Paths, current
 
 Launcher = Callable[[str, int], None]  # (command, locked fd): must close the fd when done
 
@@ -51,21 +50,13 @@ class UpdateControl:
         self.launch = launch
 
     def status(self) -> dict[str, Any]:
-        st = Status.load(self.paths.status)
-        failed = frozenset(str(v) for v in failed_versions(self.paths))
-        st = reconcile(st, self.slots().state().to_json(), self.version(), read_versions(self.paths), failed)
-        st.last_failure = last_failure(self.paths)
-        return asdict(st)
+        return asdict(current(self.paths, self.slots().state().to_json(), self.version()))
 
     def start(self, command: str) -> None:
         """Raises Busy (another command runs) or NotAllowed (not in this state)."""
         fd = acquire(self.paths)
         try:
-            st = reconcile(
-                Status.load(self.paths.status), self.slots().state().to_json(), self.version(),
-                read_versions(self.paths),
-            )
-            st.require(command)
+            current(self.paths, self.slots().state().to_json(), self.version()).require(command)
         except BaseException:
             os.close(fd)
             raise
@@ -79,14 +70,6 @@ class UpdateControl:
         finally:
             os.close(fd)
         return state.to_json()
-
-
-def last_failure(paths: Paths) -> dict[str, Any] | None:
-    try:
-        failures = json.loads(paths.failures.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return None
-    return failures[-1] if isinstance(failures, list) and failures else None
 
 
 def _running_version() -> str:

@@ -74,6 +74,22 @@ def read_versions(paths: Paths) -> dict[str, str]:
         return {}
 
 
+def read_failures(paths: Paths) -> list[dict[str, Any]]:
+    """The log of versions this host rolled back from (newest last; failures.json)."""
+    try:
+        entries = json.loads(paths.failures.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def record_failure(paths: Paths, entry: dict[str, Any], keep: int = 20) -> None:
+    """Append to the failures log (bounded)."""
+    paths.state.mkdir(parents=True, exist_ok=True)
+    failures = [*read_failures(paths), entry][-keep:]
+    atomic_write(paths.failures, json.dumps(failures, indent=1).encode() + b"\n")
+
+
 def write_versions(paths: Paths, versions: dict[str, str | None]) -> None:
     current: dict[str, str | None] = {**read_versions(paths), **versions}
     paths.state.mkdir(parents=True, exist_ok=True)
@@ -191,4 +207,16 @@ def reconcile(
         "version": versions.get(inactive) if valid else None,
         "next_to_boot": slots["next"] == inactive,
     }
+    return st
+
+
+def current(paths: Paths, slots: dict[str, Any], running: str) -> Status:
+    """The status file reconciled with the slots, the slot versions and the failures log:
+    what the agent acts on and what the API reports."""
+    failures = read_failures(paths)
+    st = reconcile(
+        Status.load(paths.status), slots, running, read_versions(paths),
+        frozenset(str(e.get("version")) for e in failures),
+    )
+    st.last_failure = failures[-1] if failures else None
     return st
