@@ -42,17 +42,14 @@ class Images:
     """Builds each distinct image once per session, under one temporary directory."""
 
     base: Path
-    cache: dict[tuple[str, bool, str], BuildResult]
+    cache: dict[tuple[str, bool], BuildResult]
     repo: UpdateRepo | None = None
 
-    def get(
-        self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None, tag: str = ""
-    ) -> BuildResult:
-        """`tag` names a variant changed by the test (it is part of the cache key)."""
-        key = (version, debug_console, tag)
+    def get(self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None) -> BuildResult:
+        key = (version, debug_console)
         if key not in self.cache:
             v = (variant or load_variant()).with_version(version)
-            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}{'-' + tag if tag else ''}"
+            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}"
             opts = BuildOptions(
                 v, out, debug_console=debug_console,
                 update_root=self.repo.path if self.repo else None,
