@@ -351,10 +351,10 @@ def test_get_settings_keys_settings_alone_is_everything(call: Caller) -> None:
     [
         ("settings.ker", {"kernel"}),
         ("kernel.sysctl", {"kernel"}),
-        ("settings.", {"kernel", "motd", "ntp", "updates"}),
+        ("settings.", {"host-containers", "kernel", "motd", "ntp", "updates"}),
         ("settings.nothing", set()),
         ("settingsmotd", set()),  # only a whole leading `settings` segment is dropped
-        ("settings", {"kernel", "motd", "ntp", "updates"}),
+        ("settings", {"host-containers", "kernel", "motd", "ntp", "updates"}),
     ],
 )
 def test_get_settings_by_prefix(call: Caller, prefix: str, expected: set[str]) -> None:
@@ -550,7 +550,8 @@ def test_commit_and_apply_renders_under_render_root(call: Caller, host: ApiHost)
 
 def test_apply_everything_and_by_keys(call: Caller, host: ApiHost) -> None:
     everything = call.ok("POST", "/tx/apply")
-    assert everything["services"] == ["api-remote", "hostname", "lockdown", "motd", "ntp", "sysctl"]
+    assert everything["services"] == [
+        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl"]
     assert "/etc/hostname" not in everything["written"]  # requires network.hostname, which is unset
     assert (host.render_root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text().endswith(
         "NTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org\n")
@@ -643,7 +644,8 @@ def test_metadata(call: Caller) -> None:
 
 def test_services_and_configuration_files(call: Caller) -> None:
     services = call.ok("GET", "/services")
-    assert set(services) == {"api-remote", "hostname", "lockdown", "motd", "ntp", "sysctl"}
+    assert set(services) == {
+        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl"}
     assert services["hostname"]["configuration-files"] == ["hostname", "hosts"]
     assert call.ok("GET", "/services?names=motd") == {"motd": {"configuration-files": ["motd"],
                                                                 "restart-commands": []}}
@@ -677,7 +679,7 @@ def test_reboot_without_a_callback_is_409(call: Caller, host: ApiHost, monkeypat
 
 @pytest.mark.parametrize(
     ("method", "target"),
-    [("PUT", "/settings"), ("POST", "/settings"), ("DELETE", "/settings"), ("GET", "/tx/commit"),
+    [("PUT", "/settings"), ("POST", "/settings"), ("GET", "/tx/commit"),
      ("PATCH", "/tx"), ("GET", "/actions/reboot"), ("POST", "/openapi.json"), ("HEAD", "/settings"),
      ("OPTIONS", "/os"), ("PROPFIND", "/services")],
 )

@@ -193,7 +193,7 @@ def test_the_root_must_be_a_table(tree: Any) -> None:
         ({"kernel": {"sysctl": {"vm.swappiness": "1\nkernel.kptr_restrict = 0"}}},
          'settings.kernel.sysctl."vm.swappiness"', "expected a value on one line"),
         ({"host-containers": {"admin": {"source": "img\nx"}}}, "settings.host-containers.admin.source",
-         "expected one word (no spaces or line breaks)"),
+         "expected an image reference ([registry/]name[:tag][@sha256:digest], lowercase name)"),
         # Maps are bounded: a huge map cannot make validation (or its error search) slow.
         ({"kernel": {"sysctl": {f"k{i}": "1" for i in range(513)}}}, "settings.kernel.sysctl",
          "expected object of length <= 512"),

@@ -204,6 +204,7 @@ def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None
         "kiln-apiserver.socket",
         "kiln-api-remote.service",
         "kiln-lockdown.service",
+        "kiln-containers.service",
     ]
     if debug_console:
         units.append("kiln-debug-shell.service")

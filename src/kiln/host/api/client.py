@@ -100,3 +100,53 @@ class Client:
         if resp.status >= 400:
             raise ApiRefused(resp.status, decoded)
         return decoded
+
+    def upgrade(self, path: str, body: Any, protocol: str) -> tuple[socket.socket, bytes]:
+        """POST `body` asking to switch to `protocol`; the connected socket once the server
+        agreed (101), with any bytes that came after the response head. http.client cannot
+        hand over its socket, so this request is written by hand."""
+        data = json.dumps(body).encode()
+        conn = self._connection()
+        try:
+            conn.connect()
+            sock = conn.sock
+            head = (f"POST {path} HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n")
+            sock.sendall(head.encode("latin-1") + data)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ApiUnreachable(f"{self.where} closed the connection before answering")
+                buf += chunk
+                if len(buf) > 65536:
+                    raise ApiUnreachable(f"{self.where} sent an oversized response head")
+        except ssl.SSLError as e:
+            conn.close()
+            raise ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}") from None
+        except OSError as e:
+            conn.close()
+            raise ApiUnreachable(f"cannot reach the Kiln API at {self.where}: {e}") from None
+        raw_head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = raw_head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        if status == 101:
+            sock.settimeout(None)
+            return sock, rest
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        length = int(headers.get("content-length", "0") or 0)
+        try:
+            while len(rest) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        finally:
+            conn.close()
+        try:
+            decoded = json.loads(rest) if rest else None
+        except ValueError:
+            decoded = rest.decode(errors="replace")
+        raise ApiRefused(status, decoded)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from kiln.host.osinfo import os_release
 from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
 from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
-from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, get_path, parse_key, select, set_path, unflatten
+from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, parse_key, select, set_path, unflatten
 
 if TYPE_CHECKING:
     from kiln.host.update.control import UpdateControl
@@ -53,11 +54,14 @@ class Request:
     query: dict[str, list[str]] = field(default_factory=dict)
     body: bytes = b""
     role: str = "admin"  # the local socket is admin; the TLS listener sets the client's role
+    upgrade: str = ""  # the Upgrade header (`kiln-exec` for an exec session)
 
     @classmethod
-    def from_target(cls, method: str, target: str, body: bytes = b"", role: str = "admin") -> Request:
+    def from_target(cls, method: str, target: str, body: bytes = b"", role: str = "admin",
+                    upgrade: str = "") -> Request:
         url = urllib.parse.urlsplit(target)
-        return cls(method, url.path, urllib.parse.parse_qs(url.query, keep_blank_values=True), body, role)
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        return cls(method, url.path, query, body, role, upgrade)
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
@@ -83,6 +87,8 @@ class Response:
     body: Any = None
     after: Callable[[], None] | None = None  # runs once the response is sent (reboot)
     encoded: bytes | None = None  # the body already as JSON (the transport sends it as is)
+    # With status 101: takes over the connection once the transport has switched protocols.
+    upgrade: Callable[[socket.socket], None] | None = None
 
 
 Handler = Callable[["Api", Request], Response]
@@ -112,6 +118,7 @@ class Api:
         apply_wait: float = 10.0,
         cache: RenderCache | None = None,
         updates: Callable[[], UpdateControl] | None = None,
+        containers_state: Path = Path("/run/kiln/containers"),
     ) -> None:
         self.store = store
         self.templates = templates or Templates()
@@ -126,6 +133,7 @@ class Api:
         # Made on the first update request (kiln.host.update.control is not needed to serve
         # settings); None where updates are not available.
         self.update_factory = updates
+        self.containers_state = containers_state  # the container manager's status files
         self._update_control: UpdateControl | None = None
 
     def handle(self, req: Request) -> Response:
@@ -164,12 +172,20 @@ class Api:
             return tree
         out: Tree = json.loads(json.dumps(tree))
         for secret in SECRET_KEYS:
-            try:
-                get_path(out, secret)
-            except LookupError:
-                continue
-            set_path(out, secret, "<redacted>")
+            _redact(out, secret)
         return out
+
+
+def _redact(tree: Any, path: tuple[str, ...]) -> None:
+    """Replace the value at `path` (`*` matches every name in a map) with a marker."""
+    if not isinstance(tree, dict) or not path:
+        return
+    head, rest = path[0], path[1:]
+    for name in list(tree) if head == "*" else [head] if head in tree else []:
+        if rest:
+            _redact(tree[name], rest)
+        else:
+            tree[name] = "<redacted>"
 
 
 def _keys(req: Request, name: str = "keys") -> list[tuple[str, ...]] | None:
@@ -245,6 +261,18 @@ def patch_settings(api: Api, req: Request) -> Response:
         body = body["settings"]  # accept the user-data shape too
     api.store.patch(body, _tx(req))
     return Response(204)
+
+
+@route("DELETE", "/settings")
+def delete_settings(api: Api, req: Request) -> Response:
+    """Remove named entries (`?keys=containers.web`) and apply at once: there is no
+    transaction for a removal, the way a stopped container has no pending state."""
+    keys = _keys(req)
+    if not keys:
+        raise ApiError(400, "name the entries to remove: ?keys=containers.NAME,...", "keys")
+    with _applying(api):
+        changed = api.store.remove(keys)
+        return Response(200, {"changed": [format_key(k) for k in changed], "apply": _apply(api, changed)})
 
 
 @route("PATCH", "/settings/keypair")
@@ -431,4 +459,5 @@ def reboot(api: Api, req: Request) -> Response:
 
 
 # The update routes live in their own module and register themselves on ROUTES.
+from kiln.host.api import containers as _containers  # noqa: E402,F401
 from kiln.host.api import updates as _updates  # noqa: E402,F401

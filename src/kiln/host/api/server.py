@@ -23,7 +23,7 @@ import socketserver
 import ssl
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -113,7 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(403, "client certificate carries no Kiln role")
             body = self._read_body()
             try:
-                req = Request.from_target(self.command, self.path, body, role)
+                req = Request.from_target(self.command, self.path, body, role,
+                                          (self.headers.get("Upgrade") or "").strip().lower())
             except ValueError as e:  # urlsplit: an absolute-form target with a broken host part
                 raise ApiError(400, f"malformed request target: {e}") from None
         except ApiError as e:
@@ -121,10 +122,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(e.status, e.body())
             return
         resp = self.server.api.handle(req)
+        if resp.status == HTTPStatus.SWITCHING_PROTOCOLS and resp.upgrade is not None:
+            self._switch(req.upgrade, resp.upgrade)
+            return
         self._send(resp.status, resp.body, resp.encoded)
         self.wfile.flush()
         if resp.after is not None:
             resp.after()
+
+    def _switch(self, protocol: str, session: Callable[[socket.socket], None]) -> None:
+        """Answer 101 and hand the connection to `session` (an exec stream) until it ends."""
+        self.close_connection = True
+        self.log_request(101)
+        self.wfile.write(f"{self.protocol_version} 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         f"Upgrade: {protocol}\r\n\r\n".encode("latin-1"))
+        self.wfile.flush()
+        session(self.connection)
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve
 

@@ -11,13 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from kiln.core.errors import KilnError
-from kiln.host.cli import api, slot, update
+from kiln.host.cli import api, containers, slot, update
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     slot.register(sub)
     api.register(sub)
     update.register(sub)
+    containers.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,6 +80,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
         value = c.request("GET", "/settings" + _q(keys=keys, prefix=args.prefix))
         _show({"settings": value} if not args.json else value, args)
         return 0
+    if args.settings_command == "unset":
+        return _report_apply(c.request("DELETE", "/settings" + _q(keys=",".join(args.keys))), args)
     if args.settings_command == "set":
         c.request("PATCH", "/settings/keypair" + _q(tx=args.tx), {"request_payload": args.pairs})
     else:
@@ -158,6 +160,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st = common(ssub.add_parser("set", help="set KEY=VALUE pairs, commit and apply"))
     st.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     st.add_argument("--no-apply", action="store_true", help="only add to the transaction")
+    un = common(ssub.add_parser("unset", help="remove named entries (containers.NAME, ...) and apply"), tx=False)
+    un.add_argument("keys", nargs="+", metavar="KEY", help="e.g. containers.web or kernel.sysctl.\"vm.swappiness\"")
     ap = common(ssub.add_parser("apply", help="apply a TOML or JSON settings file ('-' for stdin)"))
     ap.add_argument("file", metavar="FILE")
     ap.add_argument("--no-apply", action="store_true", help="only add to the transaction")

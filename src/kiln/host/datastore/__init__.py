@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = Path("/var/lib/kiln/datastore")
 DEFAULT_TX = "default"
+# Maps of user-named entries: an entry can be removed as a whole (DELETE /settings).
+REMOVABLE: tuple[tuple[str, ...], ...] = (
+    ("containers",), ("host-containers",), ("bootstrap-containers",), ("kernel", "sysctl"),
+    ("container-registry", "mirrors"), ("container-registry", "credentials"),
+)
 LAUNCH_TX = "kiln-launch"
 _TX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VERSION = re.compile(r"^v[0-9A-Za-z.+_-]{1,64}$")
@@ -223,6 +228,32 @@ class Datastore:
             # A crash here leaves the pending file: committing it again changes nothing.
             path.unlink()
             fsync_dir(path.parent)
+            return [("settings", *k) for k in changed_keys(old, new)]
+
+    def remove(self, paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """Remove whole named entries (`containers.web`) from the live settings in one commit.
+
+        Only entries of the name-keyed maps can go: every other key has a default the next
+        boot would restore. Returns the changed keys, for the renderer.
+        """
+        for path in paths:
+            if not any(len(path) == len(root) + 1 and path[: len(root)] == root for root in REMOVABLE):
+                roots = ", ".join(".".join(r) + ".NAME" for r in REMOVABLE)
+                raise DatastoreError(f"'{'.'.join(path)}' cannot be removed (only {roots})", "keys")
+        with self._writing():
+            from kiln.host.settings.model import validate
+
+            old = self.live()
+            new = json.loads(json.dumps(old))
+            for path in paths:
+                parent = new
+                for seg in path[:-1]:
+                    parent = parent.get(seg) or {}
+                if path[-1] not in parent:
+                    raise NotFound(f"settings.{'.'.join(path)} is not set", "keys")
+                del parent[path[-1]]
+            validate(new)
+            self._write(self.version_dir / "live" / "settings.json", new)
             return [("settings", *k) for k in changed_keys(old, new)]
 
     def set_definitions(self, value: defs.Definitions) -> None:

@@ -30,9 +30,25 @@ Port = Annotated[int, Meta(ge=1, le=65535)]
 SysctlName = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$", max_length=256)]
 SysctlValue = Annotated[str, Meta(pattern=r"^[^\n\r\x00]*$", max_length=4096)]
 TimeServer = Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:\[\]-]{1,253}$")]
-OneLine = Annotated[str, Meta(pattern=r"^\S+$", max_length=1024)]
 Base64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/=\s]*$", max_length=65536)]
 Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
+# A registry host as in an image reference (`docker.io`, `10.0.2.2:5000`), or `*` for any.
+RegistryHost = Annotated[str, Meta(pattern=r"^(\*|[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?)$")]
+# An image reference: [registry/]path[:tag][@sha256:digest] (lowercase path, as OCI requires).
+ImageRef = Annotated[
+    str,
+    Meta(
+        pattern=r"^([A-Za-z0-9.-]+(:[0-9]{1,5})?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$",
+        max_length=512,
+    ),
+]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*$", max_length=32768)]
+Argument = Annotated[str, Meta(pattern=r"^[^\x00]*$", max_length=32768)]
+# Workload mounts come from /local only (the host's own directories stay out of reach).
+LocalPath = Annotated[str, Meta(pattern=r"^/local(/(?!\.\.?(/|$))[^/\x00\n]+)*/?$", max_length=1024)]
+ContainerPath = Annotated[str, Meta(pattern=r"^/((?!\.\.?(/|$))[^/\x00\n]+/?)*$", max_length=1024)]
 UnitName = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$", max_length=256)
 ]
@@ -73,17 +89,52 @@ class Health(_S):
 
 
 class HostContainer(_S):
-    source: OneLine | None = None
+    """An admin or control container on the host's own containerd (Bottlerocket's host-ctr)."""
+
+    source: ImageRef | None = None
     enabled: bool | None = None
     superpowered: bool | None = None
     user_data: Base64 | None = None
 
 
 class BootstrapContainer(_S):
-    source: OneLine | None = None
+    """Runs to completion before the host reports ready (`once`: then set to `off`)."""
+
+    source: ImageRef | None = None
     mode: Literal["off", "once", "always"] | None = None
     essential: bool | None = None
     user_data: Base64 | None = None
+
+
+class Mount(_S):
+    source: LocalPath | None = None
+    destination: ContainerPath | None = None
+    read_only: bool | None = None
+
+
+class Container(_S):
+    """A workload on the workload containerd, kept running per `restart` (no orchestrator)."""
+
+    image: ImageRef | None = None
+    enabled: bool | None = None
+    command: Annotated[list[Argument], Meta(max_length=256)] | None = None
+    env: Annotated[dict[EnvName, EnvValue], Meta(max_length=256)] | None = None
+    restart: Literal["always", "on-failure", "never"] | None = None
+    network: Literal["host", "none"] | None = None
+    mounts: Annotated[list[Mount], Meta(max_length=64)] | None = None
+
+
+class RegistryCredential(_S):
+    username: Annotated[str, Meta(pattern=r"^[^:\s]+$", max_length=256)] | None = None
+    password: Annotated[str, Meta(pattern=r"^\S+$", max_length=4096)] | None = None
+
+
+class ContainerRegistry(_S):
+    """Where images come from: mirrors per registry (an `http://` endpoint is the only way to
+    pull over plain HTTP) and credentials per registry."""
+
+    mirrors: Annotated[dict[RegistryHost, Annotated[list[Url], Meta(max_length=16)]], Meta(max_length=64)] | None = None
+    credentials: Annotated[dict[RegistryHost, RegistryCredential], Meta(max_length=64)] | None = None
 
 
 class ApiRemote(_S):
@@ -107,6 +158,8 @@ class Settings(_S):
     health: Health | None = None
     host_containers: Annotated[dict[Name, HostContainer], Meta(max_length=64)] | None = None
     bootstrap_containers: Annotated[dict[Name, BootstrapContainer], Meta(max_length=64)] | None = None
+    containers: Annotated[dict[Name, Container], Meta(max_length=64)] | None = None
+    container_registry: ContainerRegistry | None = None
     api: Api | None = None
 
 
@@ -123,8 +176,12 @@ _PATTERNS = {
     SysctlName: "a sysctl name (lowercase letters, digits, '_', '-', '.', '/')",
     SysctlValue: "a value on one line",
     TimeServer: "a host name or an IP address",
-    OneLine: "one word (no spaces or line breaks)",
     Base64: "base64 text",
+    RegistryHost: "a registry host[:port] or '*'",
+    ImageRef: "an image reference ([registry/]name[:tag][@sha256:digest], lowercase name)",
+    EnvName: "an environment variable name",
+    LocalPath: "a path under /local (no '.' or '..' parts)",
+    ContainerPath: "an absolute path (no '.' or '..' parts)",
 }
 
 

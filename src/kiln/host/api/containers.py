@@ -1,0 +1,75 @@
+"""The container routes, registered on the shared table.
+
+    GET  /containers   declared host, bootstrap and workload containers and their state
+    POST /exec         Upgrade: kiln-exec — a process in a running container (kiln exec)
+
+`/exec` takes {"target", "command", "tty", "rows", "cols"} and, once checked, answers 101
+and speaks the frames of kiln.host.api.stream on the same connection.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, cast
+
+from kiln.host.api.routes import Api, ApiError, Request, Response, route
+from kiln.host.api.stream import PROTOCOL
+
+if TYPE_CHECKING:
+    from kiln.host.containers.spec import Kind
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@route("GET", "/containers")
+def list_containers(api: Api, req: Request) -> Response:
+    from kiln.host.containers.control import overview
+
+    return Response(200, overview(api.store.live_shared(), api.containers_state))
+
+
+def _exec_request(body: Any) -> tuple[str, list[str], bool, int, int, Kind | None]:
+    if not isinstance(body, dict):
+        raise ApiError(400, 'expected {"target": NAME, "command": [ARG, ...]}', "body")
+    unknown = set(body) - {"target", "command", "tty", "rows", "cols", "kind"}
+    if unknown:
+        raise ApiError(400, f"unknown field '{sorted(unknown)[0]}'", sorted(unknown)[0])
+    name, command = body.get("target"), body.get("command")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ApiError(400, "expected a container name", "target")
+    if (not isinstance(command, list) or not command or len(command) > 256
+            or not all(isinstance(a, str) and "\0" not in a for a in command)):
+        raise ApiError(400, "expected a non-empty list of arguments", "command")
+    tty = body.get("tty", False)
+    rows, cols = body.get("rows", 24), body.get("cols", 80)
+    if not isinstance(tty, bool):
+        raise ApiError(400, "expected true or false", "tty")
+    for key, value in (("rows", rows), ("cols", cols)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+            raise ApiError(400, "expected 1..65535", key)
+    kind = body.get("kind")
+    if kind not in (None, "host", "workload"):
+        raise ApiError(400, "expected 'host' or 'workload'", "kind")
+    return name, command, tty, rows, cols, cast("Kind | None", kind)
+
+
+@route("POST", "/exec")
+def exec_session(api: Api, req: Request) -> Response:
+    if req.upgrade != PROTOCOL:
+        raise ApiError(426, f"/exec needs 'Connection: Upgrade' and 'Upgrade: {PROTOCOL}' (kiln exec)")
+    name, command, tty, rows, cols, kind = _exec_request(req.json())
+    from kiln.host.containers.control import NoSuchContainer, NotRunning, target
+    from kiln.host.containers.exec import Session
+
+    try:
+        spec = target(api.store.live_shared(), name, kind)
+    except NoSuchContainer as e:
+        raise ApiError(404, str(e), "target") from None
+    except NotRunning as e:
+        raise ApiError(409, str(e), "target") from None
+    session = Session(spec, command, tty, rows, cols)
+
+    def serve(conn: Any) -> None:
+        session.serve(conn)
+
+    return Response(101, upgrade=serve)

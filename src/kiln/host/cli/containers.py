@@ -1,0 +1,150 @@
+"""`kiln containers` (what runs) and `kiln exec NAME -- CMD...` (Bottlerocket's `apiclient exec`).
+
+`kiln exec` works the same on a host (the local socket) and from a workstation (`--endpoint
+--pki`, mutual TLS). With a terminal on both ends it is interactive: raw mode, the window
+size follows the local terminal, Ctrl-C goes to the remote process. Otherwise stdin,
+stdout and stderr are plain streams for scripts. It exits with the remote command's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+from kiln.core.errors import KilnError
+from kiln.host.api import stream
+from kiln.host.cli.api import JSON_HELP, _client
+
+
+def cmd_containers(args: argparse.Namespace) -> int:
+    entries = _client(args).request("GET", "/containers")
+    if args.json:
+        print(json.dumps(entries, indent=2, sort_keys=True))
+        return 0
+    print(f"{'KIND':<10} {'NAME':<16} {'STATE':<11} {'RESTARTS':<8} IMAGE")
+    for e in entries:
+        print(f"{e['kind']:<10} {e['name']:<16} {e['state']:<11} {e.get('restarts', 0):<8} {e['image']}")
+        if e.get("detail") and e["state"] in ("failed", "restarting", "pulling"):
+            print(f"{'':<10} {e['detail']}")
+    return 0
+
+
+@contextlib.contextmanager
+def _raw(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+class _Winch:
+    """Remembers that the local terminal changed size (sent from the main loop)."""
+
+    def __init__(self) -> None:
+        self.changed = False
+
+    def __call__(self, _sig: int, _frame: FrameType | None) -> None:
+        self.changed = True
+
+
+def _size() -> tuple[int, int]:
+    size = shutil.get_terminal_size((80, 24))
+    return size.lines, size.columns
+
+
+def relay(sock: socket.socket, leftover: bytes, interactive: bool) -> int:
+    """Local stdin → frames; frames → local stdout/stderr; returns the remote exit status."""
+    frames = stream.Frames()
+    winch = _Winch()
+    old = signal.signal(signal.SIGWINCH, winch) if interactive else None
+    stdin_open = True
+    try:
+        pending = list(frames.feed(leftover))
+        while True:
+            for kind, payload in pending:
+                if kind == stream.STDOUT:
+                    _write(sys.stdout.fileno(), payload)
+                elif kind == stream.STDERR:
+                    _write(sys.stderr.fileno(), payload)
+                elif kind == stream.EXIT:
+                    return stream.unpack_int(payload)
+                elif kind == stream.ERROR:
+                    raise KilnError(f"exec session failed on the host: {payload.decode(errors='replace')}")
+            if winch.changed:
+                winch.changed = False
+                sock.sendall(stream.resize(*_size()))
+            try:
+                sock_ready, ready, _ = stream.wait(sock, True, [0] if stdin_open else [], [], 0.5)
+            except InterruptedError:
+                continue
+            if ready:
+                data = os.read(0, stream.CHUNK)
+                if data:
+                    sock.sendall(stream.frame(stream.STDIN, data))
+                else:
+                    stdin_open = False
+                    sock.sendall(stream.frame(stream.STDIN_EOF))
+            pending = []
+            if sock_ready:
+                data = sock.recv(stream.CHUNK)
+                if not data:
+                    raise KilnError("the host closed the exec session without an exit status")
+                pending = list(frames.feed(data))
+    except stream.ProtocolError as e:
+        raise KilnError(f"exec session: {e}") from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGWINCH, old)
+        sock.close()
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise KilnError("name a command: kiln exec NAME -- CMD [ARG...]")
+    interactive = args.tty if args.tty is not None else (sys.stdin.isatty() and sys.stdout.isatty())
+    rows, cols = _size()
+    body: dict[str, Any] = {"target": args.name, "command": command, "tty": interactive,
+                            "rows": rows, "cols": cols}
+    if args.kind:
+        body["kind"] = args.kind
+    sock, leftover = _client(args).upgrade("/exec", body, stream.PROTOCOL)
+    if interactive and sys.stdin.isatty():
+        with _raw(0):
+            return relay(sock, leftover, True)
+    return relay(sock, leftover, interactive)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("containers", help="host, bootstrap and workload containers and their state")
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
+    c.set_defaults(func=cmd_containers)
+
+    e = sub.add_parser("exec", help="run a command in a running container (kiln exec admin -- sheltie)")
+    e.add_argument("name", metavar="NAME", help="a host container (admin) or a workload")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("-t", "--tty", dest="tty", action="store_true", default=None,
+                      help="interactive terminal (default when stdin and stdout are terminals)")
+    mode.add_argument("-T", "--no-tty", dest="tty", action="store_false", help="plain streams, for scripts")
+    e.add_argument("--kind", choices=["host", "workload"], help="when a host container and a workload share NAME")
+    e.set_defaults(func=cmd_exec)

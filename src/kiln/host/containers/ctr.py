@@ -1,0 +1,173 @@
+"""The gateway to containerd: argv for Debian's `ctr`, and the registry host files it reads.
+
+Kiln talks to containerd through `ctr` rather than a gRPC client: the image already ships
+it with containerd, and grpcio + protobuf would not fit the root filesystem. Every call
+names its containerd socket and namespace, so the two instances never mix.
+
+Registry settings become a containerd hosts directory (`hosts.toml` per registry, rendered
+fresh for every pull): mirrors in order, then the registry itself. An `http://` endpoint is
+the only way to reach a registry over plain HTTP, so plain HTTP is always an explicit choice
+for that one registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import KilnError
+from kiln.core.fs import atomic_write
+from kiln.core.run import CommandError, run
+from kiln.host.containers.spec import (
+    API_SOCKET,
+    HOST_USR_MOUNT,
+    IN_CONTAINER_DIR,
+    KILN_LAUNCHER,
+    PERSISTENT_ROOT,
+    ROOTFS_MOUNT,
+    Runtime,
+    Spec,
+    normalize_image,
+    registry_of,
+)
+
+CTR = "/usr/bin/ctr"
+PULL_TIMEOUT = 600.0
+CALL_TIMEOUT = 60.0
+
+
+class PullFailed(KilnError):
+    """The image could not be pulled: it does not exist, the registry refused, or is unreachable."""
+
+
+def base(rt: Runtime) -> list[str]:
+    return [CTR, "--address", rt.address, "--namespace", rt.namespace]
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def hosts_toml(registry: str, mirrors: Sequence[str]) -> str:
+    """containerd's hosts.toml for `registry`: the mirrors first, the registry as fallback."""
+    server = "https://registry-1.docker.io" if registry == "docker.io" else f"https://{registry}"
+    plain = [m for m in mirrors if m.rstrip("/") == f"http://{registry}"]
+    if plain:  # the registry itself, over plain HTTP: no https fallback to try first
+        server = plain[0].rstrip("/")
+    lines = ["# Rendered by Kiln from settings.container-registry for each pull."]
+    if registry != "_default":
+        lines.append(f"server = {_toml_str(server)}")
+    for m in mirrors:
+        if m.rstrip("/") != server:
+            lines += ["", f"[host.{_toml_str(m.rstrip('/'))}]", 'capabilities = ["pull", "resolve"]']
+    return "\n".join(lines) + "\n"
+
+
+def write_hosts_dir(dest: Path, registry_settings: dict[str, Any]) -> None:
+    """One directory per registry with mirrors (`*` is containerd's `_default`)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True, mode=0o700)
+    for registry, mirrors in sorted((registry_settings.get("mirrors") or {}).items()):
+        name = "_default" if registry == "*" else registry
+        (dest / name).mkdir()
+        atomic_write(dest / name / "hosts.toml", hosts_toml(name, mirrors).encode(), mode=0o600)
+
+
+def credentials_for(registry_settings: dict[str, Any], image: str) -> str | None:
+    creds = registry_settings.get("credentials") or {}
+    found = creds.get(registry_of(image)) or creds.get("*")
+    if not found or "username" not in found:
+        return None
+    return f"{found['username']}:{found.get('password', '')}"
+
+
+def pull(rt: Runtime, image: str, registry_settings: dict[str, Any], hosts_dir: Path) -> None:
+    """Pull and unpack `image` into `rt` (skipped by containerd for content it already has)."""
+    ref = normalize_image(image)
+    write_hosts_dir(hosts_dir, registry_settings)
+    argv = [*base(rt), "images", "pull", "--hosts-dir", str(hosts_dir)]
+    user = credentials_for(registry_settings, image)
+    if user is not None:
+        argv += ["--user", user]
+    try:
+        run([*argv, ref], timeout=PULL_TIMEOUT)
+    except CommandError as e:
+        raise PullFailed(f"cannot pull {ref}: {_reason(e.stderr, user)}") from None
+
+
+def _reason(stderr: str, user: str | None) -> str:
+    """ctr's last error line, without its prefix and without the password."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else "ctr failed without a message"
+    last = last.removeprefix("ctr: ")
+    if user:
+        last = last.replace(user, "<credentials>")
+    return last
+
+
+def image_present(rt: Runtime, image: str) -> bool:
+    out = run([*base(rt), "images", "ls", "--quiet"], timeout=CALL_TIMEOUT).stdout.decode()
+    return normalize_image(image) in out.split()
+
+
+def remove_stale(rt: Runtime, cid: str) -> None:
+    """Whatever a killed manager left behind under `cid`: the task, then the container."""
+    run([*base(rt), "tasks", "kill", "--signal", "SIGKILL", cid], check=False, timeout=CALL_TIMEOUT)
+    run([*base(rt), "tasks", "delete", "--force", cid], check=False, timeout=CALL_TIMEOUT)
+    run([*base(rt), "containers", "delete", cid], check=False, timeout=CALL_TIMEOUT)
+
+
+def kill(rt: Runtime, cid: str, signal: str = "SIGKILL") -> None:
+    run([*base(rt), "tasks", "kill", "--all", "--signal", signal, cid], check=False, timeout=CALL_TIMEOUT)
+
+
+def tasks(rt: Runtime) -> dict[str, tuple[int, str]]:
+    """Running tasks: container id → (pid, status)."""
+    if not os.path.exists(rt.address):
+        return {}
+    proc = run([*base(rt), "tasks", "ls"], check=False, timeout=CALL_TIMEOUT)
+    out: dict[str, tuple[int, str]] = {}
+    for line in proc.stdout.decode().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[1].isdigit():
+            out[parts[0]] = (int(parts[1]), parts[2])
+    return out
+
+
+def run_argv(spec: Spec, persistent: Path | None = None) -> list[str]:
+    """`ctr run` for `spec`, in the foreground: the manager waits on it and restarts it."""
+    argv = [*base(spec.runtime), "run", "--rm", "--label", f"kiln.digest={spec.digest}"]
+    if spec.network == "host":
+        argv.append("--net-host")
+    if spec.superpowered:
+        # Bottlerocket's superpowered: every capability, the host's PID namespace and root.
+        argv += ["--privileged", "--with-ns", "pid:/proc/1/ns/pid",
+                 "--mount", f"type=bind,src=/,dst={ROOTFS_MOUNT},options=rbind:rslave:rw"]
+    else:
+        argv.append("--seccomp")  # containerd's default profile, beside the default capabilities
+    if spec.kind != "workload":
+        dir_ = persistent or PERSISTENT_ROOT / spec.name
+        argv += [
+            "--mount", f"type=bind,src={dir_},dst={IN_CONTAINER_DIR}/{spec.name},options=rbind:rw",
+            "--mount", f"type=bind,src={API_SOCKET},dst={API_SOCKET},options=bind:rw",
+            "--mount", f"type=bind,src=/usr,dst={HOST_USR_MOUNT},options=rbind:ro",
+            "--mount", f"type=bind,src={KILN_LAUNCHER},dst=/usr/local/bin/kiln,options=bind:ro",
+        ]
+    for m in spec.mounts:
+        mode = "ro" if m.read_only else "rw"
+        argv += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
+    for k, v in spec.env:
+        argv += ["--env", f"{k}={v}"]
+    return [*argv, normalize_image(spec.image), spec.id, *spec.command]
+
+
+def exec_argv(spec: Spec, exec_id: str, command: Sequence[str], tty: bool) -> list[str]:
+    argv = [*base(spec.runtime), "tasks", "exec", "--exec-id", exec_id]
+    if tty:
+        argv.append("--tty")
+    return [*argv, spec.id, *command]

@@ -1,0 +1,287 @@
+"""The container manager (Bottlerocket's host-ctr, plus standalone workloads).
+
+Three entry points, all run by systemd units:
+
+- `run KIND NAME` (kiln-container@KIND:NAME.service): pull the image, start the container in
+  the foreground through `ctr run`, keep it running per its restart policy, stop it cleanly
+  on SIGTERM. Its state goes to /run/kiln/containers for the API.
+- `bootstrap` (kiln-bootstrap-containers.service, before kiln-ready.target): run every
+  enabled bootstrap container to completion, in name order; `once` ones are set to `off`
+  through the API afterwards; an essential one that fails fails the unit, so the host never
+  reports ready (and a new version rolls back).
+- `sync [KIND...]` (kiln-containers.service at boot, and the settings renderer's restart
+  command): start, restart or stop the units so they match the settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kiln.core.errors import KilnError
+from kiln.core.run import run
+from kiln.host.boot.console import say
+from kiln.host.containers import ctr, status
+from kiln.host.containers.spec import KINDS, PERSISTENT_ROOT, Kind, Spec, find, from_settings
+from kiln.host.datastore import Datastore
+
+STOP_GRACE = 10.0  # seconds a container has to exit on SIGTERM before it is killed
+MAX_BACKOFF = 30.0
+STABLE_AFTER = 60.0  # a run this long resets the restart backoff
+PULL_RETRY_FOR = 45.0  # the network may still be coming up at boot
+SYSTEMCTL = "/usr/bin/systemctl"
+
+
+def live_settings() -> dict[str, Any]:
+    return Datastore().live()
+
+
+def _transient(e: ctr.PullFailed) -> bool:
+    """Worth retrying: the registry could not be reached (yet), not a refusal or a 404."""
+    msg = str(e)
+    return any(s in msg for s in ("dial tcp", "no route to host", "network is unreachable",
+                                  "i/o timeout", "connection refused", "lookup "))
+
+
+def pull(spec: Spec, settings: dict[str, Any], state_dir: Path, retry_for: float = 0.0) -> None:
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            ctr.pull(spec.runtime, spec.image, settings.get("container-registry") or {},
+                     state_dir / f"hosts-{spec.id}")
+            return
+        except ctr.PullFailed as e:
+            if not _transient(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(2)
+
+
+def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
+    """The container's persistent directory and its user data; workload mount sources."""
+    for m in spec.mounts:
+        Path(m.source).mkdir(parents=True, exist_ok=True)
+    if spec.kind == "workload":
+        return None
+    d = persistent_root / spec.name
+    d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        data = base64.b64decode(spec.user_data, validate=False) if spec.user_data else b""
+    except (binascii.Error, ValueError) as e:
+        raise KilnError(f"{spec.where}.user-data is not valid base64: {e}") from None
+    user_data = d / "user-data"
+    if data:
+        from kiln.core.fs import atomic_write
+
+        atomic_write(user_data, data, mode=0o600)
+    else:
+        user_data.unlink(missing_ok=True)
+    return d
+
+
+class Runner:
+    """Runs one container in the foreground and restarts it per policy until told to stop."""
+
+    def __init__(self, spec: Spec, state_dir: Path = status.STATE_DIR,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.spec = spec
+        self.state_dir = state_dir
+        self.sleep = sleep
+        self.stopping = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self, _sig: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # ctr forwards it to the container's init
+
+    def once(self, argv: Sequence[str]) -> int:
+        """One run of the container; returns its exit status."""
+        ctr.remove_stale(self.spec.runtime, self.spec.id)
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL)
+        if self.stopping:  # SIGTERM arrived between the check and the start
+            self.stop()
+        while True:
+            try:
+                code = self.proc.wait(timeout=STOP_GRACE if self.stopping else None)
+                break
+            except subprocess.TimeoutExpired:
+                ctr.kill(self.spec.runtime, self.spec.id)
+                self.stopping = True
+        return code
+
+    def keep_running(self, persistent: Path | None) -> int:
+        spec, restarts, backoff = self.spec, 0, 1.0
+        argv = ctr.run_argv(spec, persistent)
+        while not self.stopping:
+            status.write(spec, "running", self.state_dir, restarts=restarts)
+            started = time.monotonic()
+            code = self.once(argv)
+            if self.stopping:
+                break
+            again = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
+            if not again:
+                status.write(spec, "exited" if code == 0 else "failed", self.state_dir, restarts=restarts,
+                             exit_code=code, detail=f"exited with status {code}")
+                return 0 if code == 0 else 1
+            backoff = 1.0 if time.monotonic() - started > STABLE_AFTER else min(backoff * 2, MAX_BACKOFF)
+            restarts += 1
+            status.write(spec, "restarting", self.state_dir, restarts=restarts, exit_code=code,
+                         detail=f"exited with status {code}; restarting in {backoff:g} s")
+            print(f"{spec.id}: exited with status {code}; restart {restarts} in {backoff:g} s", flush=True)
+            self.sleep(backoff)
+        status.write(spec, "stopped", self.state_dir, restarts=restarts)
+        return 0
+
+
+def run_container(kind: Kind, name: str, state_dir: Path = status.STATE_DIR) -> int:
+    """The body of kiln-container@KIND:NAME.service."""
+    spec = find(live_settings(), kind, name)
+    if spec is None or not spec.enabled:
+        print(f"{kind} container '{name}' is not enabled in the settings: nothing to run", flush=True)
+        return 0
+    runner = Runner(spec, state_dir)
+    signal.signal(signal.SIGTERM, runner.stop)
+    signal.signal(signal.SIGINT, runner.stop)
+    status.write(spec, "pulling", state_dir)
+    try:
+        start_runtime(spec)
+        pull(spec, live_settings(), state_dir, retry_for=PULL_RETRY_FOR)
+        persistent = prepare(spec)
+    except KilnError as e:
+        status.write(spec, "failed", state_dir, detail=str(e))
+        print(f"{spec.where}: {e}", file=sys.stderr, flush=True)
+        return 1
+    return runner.keep_running(persistent)
+
+
+# -- bootstrap containers --------------------------------------------------------------
+
+
+def start_runtime(spec: Spec) -> None:
+    """The containerd `spec` runs on (the host one starts only when something needs it)."""
+    proc = run([SYSTEMCTL, "start", spec.runtime.unit], check=False, timeout=120)
+    if proc.returncode != 0:
+        raise KilnError(f"{spec.runtime.unit} did not start: {proc.stderr.decode().strip()}")
+
+
+def run_bootstrap(state_dir: Path = status.STATE_DIR,
+                  set_off: Callable[[Spec], None] | None = None) -> int:
+    """Every enabled bootstrap container, in name order, to completion; 1 if an essential one failed."""
+    failed_essential = []
+    for spec in from_settings(live_settings(), "bootstrap"):
+        if not spec.enabled:
+            continue
+        status.write(spec, "pulling", state_dir)
+        try:
+            start_runtime(spec)
+            pull(spec, live_settings(), state_dir, retry_for=PULL_RETRY_FOR)
+            persistent = prepare(spec)
+            status.write(spec, "running", state_dir)
+            code = Runner(spec, state_dir).once(ctr.run_argv(spec, persistent))
+            error = None if code == 0 else f"exited with status {code}"
+        except KilnError as e:
+            error = str(e)
+        if error is None:
+            status.write(spec, "exited", state_dir, exit_code=0)
+            say(f"kiln: bootstrap container '{spec.name}' finished")
+            if spec.mode == "once":
+                (set_off or _set_off)(spec)
+            continue
+        status.write(spec, "failed", state_dir, detail=error)
+        if spec.essential:
+            failed_essential.append(spec.name)
+            say(f"kiln: essential bootstrap container '{spec.name}' failed: {error}; "
+                "this host will not report ready")
+        else:
+            say(f"kiln: bootstrap container '{spec.name}' failed: {error} (not essential: boot goes on)")
+    return 1 if failed_essential else 0
+
+
+def _set_off(spec: Spec) -> None:
+    """`once` is done: record `mode = off` through the API, as any other settings change."""
+    from kiln.host.api.client import Client
+
+    client = Client.local()
+    tx = "kiln-bootstrap"
+    client.request("PATCH", f"/settings?tx={tx}", {"bootstrap-containers": {spec.name: {"mode": "off"}}})
+    client.request("POST", f"/tx/commit_and_apply?tx={tx}")
+
+
+# -- sync: units ↔ settings ---------------------------------------------------------------
+
+
+def _systemctl(*args: str) -> str:
+    return run([SYSTEMCTL, *args], check=False, timeout=60).stdout.decode()
+
+
+def _loaded_units(kind: Kind) -> dict[str, str]:
+    """kiln-container@KIND:* units systemd knows about → their active state."""
+    out = _systemctl("list-units", "--all", "--plain", "--no-legend", f"kiln-container@{kind}:*")
+    units = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            units[parts[0]] = parts[2]
+    return units
+
+
+def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool = False) -> list[str]:
+    """Start, restart (changed or failed) and stop container units to match the settings."""
+    if not boot and not (state_dir / status.BOOTED).exists():
+        # A settings change during the boot's own render: kiln-containers.service starts
+        # everything once the bootstrap containers have run (Bottlerocket's order).
+        return []
+    tree = live_settings()
+    actions = []
+    for kind in kinds:
+        if kind == "bootstrap":
+            continue  # they run at boot only
+        desired = {s.unit: s for s in from_settings(tree, kind) if s.enabled}
+        for unit, active in _loaded_units(kind).items():
+            if unit not in desired and active in ("active", "activating", "reloading"):
+                actions.append(f"stop {unit}")
+                _systemctl("--no-block", "stop", unit)
+        loaded = _loaded_units(kind)
+        for unit, spec in desired.items():
+            st = status.read(spec, state_dir)
+            current = loaded.get(unit, "inactive") in ("active", "activating", "reloading")
+            if current and st is not None and st.digest == spec.digest and st.state != "failed":
+                continue
+            actions.append(f"restart {unit}")
+            _systemctl("--no-block", "restart", unit)
+    if boot:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / status.BOOTED).touch()
+    return actions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    cmd = args[0] if args else ""
+    try:
+        if cmd == "run" and len(args) == 2 and ":" in args[1]:
+            kind, _, name = args[1].partition(":")
+            if kind not in KINDS:
+                raise KilnError(f"unknown container kind '{kind}' (host, bootstrap, workload)")
+            return run_container(kind, name)
+        if cmd == "bootstrap":
+            return run_bootstrap()
+        if cmd in ("sync", "boot-sync"):
+            kinds = [k for k in KINDS if k in args[1:]] or list(KINDS)
+            for action in sync(kinds, boot=cmd == "boot-sync"):
+                print(action, flush=True)
+            return 0
+    except KilnError as e:
+        print(f"kiln-containers: {e}", file=sys.stderr, flush=True)
+        return 1
+    print("usage: python3 -m kiln.host.containers run KIND:NAME | bootstrap | sync [KIND...] | boot-sync",
+          file=sys.stderr)
+    return 2
