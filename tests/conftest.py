@@ -14,6 +14,7 @@ from kiln.build.pipeline import BuildOptions, BuildResult, build
 from kiln.core.progress import Progress
 from kiln.variant import Variant, load_variant
 from kiln.vm.qemu import Vm, VmConfig
+from tests.registry import OciRegistry, serving_kiln_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +117,11 @@ def raw_copy(src: Path, dest: Path) -> Path:
     """A sparse copy of a disk image that a test may boot and then inspect."""
     subprocess.run(["cp", "--sparse=always", src, dest], check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegistry]:
+    """docker-registry on 127.0.0.1 holding Kiln's admin, httpd and bootstrap images
+    (built by `kiln oci build`, pushed by `kiln oci push`); guests reach it at 10.0.2.2."""
+    with serving_kiln_images(tmp_path_factory.mktemp("oci"), ("admin", "httpd", "bootstrap")) as reg:
+        yield reg

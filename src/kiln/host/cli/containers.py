@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -61,20 +60,28 @@ class _Winch:
 
 
 def _size() -> tuple[int, int]:
-    size = shutil.get_terminal_size((80, 24))
-    return size.lines, size.columns
+    """The local terminal's rows and columns (the terminal's own, not $LINES/$COLUMNS)."""
+    for fd in (1, 0, 2):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        if size.lines and size.columns:
+            return size.lines, size.columns
+    return 24, 80
 
 
 def relay(sock: socket.socket, leftover: bytes, interactive: bool) -> int:
     """Local stdin → frames; frames → local stdout/stderr; returns the remote exit status."""
     frames = stream.Frames()
+    box = stream.Outbox(sock)
     winch = _Winch()
     old = signal.signal(signal.SIGWINCH, winch) if interactive else None
     stdin_open = True
     try:
-        pending = list(frames.feed(leftover))
+        received: bytes | None = leftover
         while True:
-            for kind, payload in pending:
+            for kind, payload in frames.feed(received or b""):
                 if kind == stream.STDOUT:
                     _write(sys.stdout.fileno(), payload)
                 elif kind == stream.STDERR:
@@ -85,24 +92,22 @@ def relay(sock: socket.socket, leftover: bytes, interactive: bool) -> int:
                     raise KilnError(f"exec session failed on the host: {payload.decode(errors='replace')}")
             if winch.changed:
                 winch.changed = False
-                sock.sendall(stream.resize(*_size()))
+                box.put(stream.resize(*_size()))
+            sources = [0] if stdin_open and not box.full else []
             try:
-                sock_ready, ready, _ = stream.wait(sock, True, [0] if stdin_open else [], [], 0.5)
+                sock_ready, ready, can_write = stream.wait(
+                    sock, True, sources, [sock.fileno()] if box.buf else [], 0.5)
             except InterruptedError:
-                continue
+                ready, can_write, sock_ready = [], [], False
             if ready:
                 data = os.read(0, stream.CHUNK)
-                if data:
-                    sock.sendall(stream.frame(stream.STDIN, data))
-                else:
-                    stdin_open = False
-                    sock.sendall(stream.frame(stream.STDIN_EOF))
-            pending = []
-            if sock_ready:
-                data = sock.recv(stream.CHUNK)
-                if not data:
-                    raise KilnError("the host closed the exec session without an exit status")
-                pending = list(frames.feed(data))
+                box.put(stream.frame(stream.STDIN, data) if data else stream.frame(stream.STDIN_EOF))
+                stdin_open = bool(data)
+            if can_write or box.buf:
+                box.flush()
+            received = box.recv() if sock_ready else None
+            if received == b"":
+                raise KilnError("the host closed the exec session without an exit status")
     except stream.ProtocolError as e:
         raise KilnError(f"exec session: {e}") from None
     finally:

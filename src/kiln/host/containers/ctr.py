@@ -157,6 +157,8 @@ def run_argv(spec: Spec, persistent: Path | None = None) -> list[str]:
             "--mount", f"type=bind,src={API_SOCKET},dst={API_SOCKET},options=bind:rw",
             "--mount", f"type=bind,src=/usr,dst={HOST_USR_MOUNT},options=rbind:ro",
             "--mount", f"type=bind,src={KILN_LAUNCHER},dst=/usr/local/bin/kiln,options=bind:ro",
+            # Its own name: the persistent directory and user data are under it.
+            "--env", f"KILN_CONTAINER={spec.name}",
         ]
     for m in spec.mounts:
         mode = "ro" if m.read_only else "rw"

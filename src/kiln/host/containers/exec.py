@@ -5,10 +5,10 @@ and cgroup). With a TTY, ctr runs on a pseudo-terminal we own: a resize frame se
 terminal's size, the kernel signals ctr (SIGWINCH) and ctr resizes the container's console.
 Without one, stdin/stdout/stderr are pipes and the exit status is the process's.
 
-One thread per session, select() on the connection and the process's output; output is
-only read when the previous chunk has been sent, and the client's input only when the
-process has taken the previous input, so neither side can make the other buffer without
-bound.
+One thread per session, select() on the connection and the process's pipes, nothing
+blocking: the process's output is read only while the connection's outbox has room, and
+the client's input only while the process keeps up, so neither side can make the other
+buffer without bound, and both directions flow at once.
 """
 
 from __future__ import annotations
@@ -30,7 +30,19 @@ from kiln.host.containers import ctr
 from kiln.host.containers.spec import Spec
 
 HIGH_WATER = 1 << 16  # client input buffered for the process before we stop reading more
-SEND_TIMEOUT = 300.0  # a client that reads nothing for this long is dropped
+SEND_TIMEOUT = 60.0  # the last frames wait this long for a client that reads nothing
+
+
+def _without_late_resize(data: bytes, tty: bool, kind: bytes) -> bytes:
+    """ctr resizes a TTY process's terminal just after starting it and complains when the
+    process has already exited: noise for the user, so that one message is dropped.
+
+    (The same race means a command that reads its terminal size at once may see 0x0; a
+    shell gets the size a moment later with SIGWINCH.)
+    """
+    if not tty or kind != stream.STDERR:
+        return data
+    return b"".join(ln for ln in data.splitlines(keepends=True) if b"cannot resize a stopped container" not in ln)
 
 
 def set_size(fd: int, rows: int, cols: int) -> None:
@@ -53,12 +65,14 @@ class Session:
             set_size(master, self.rows, self.cols)
             # setsid --ctty: ctr leads a new session with the pty as controlling terminal, so a
             # size change reaches it as SIGWINCH.
+            # ctr's own messages go to a pipe: the process's output all comes through the pty.
             proc = subprocess.Popen(["/usr/bin/setsid", "--ctty", *self.argv],
-                                    stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+                                    stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True)
             os.close(slave)
             os.set_blocking(master, False)
             self.master = master
-            return proc, master, {master: stream.STDOUT}
+            assert proc.stderr is not None
+            return proc, master, {master: stream.STDOUT, proc.stderr.fileno(): stream.STDERR}
         proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         assert proc.stdin and proc.stdout and proc.stderr
@@ -68,24 +82,29 @@ class Session:
 
     def serve(self, conn: socket.socket) -> int:
         """Run the session on an upgraded connection; returns the process's exit status."""
-        conn.settimeout(SEND_TIMEOUT)
         proc, in_fd, outputs = self._spawn()
+        box = stream.Outbox(conn)
         frames = stream.Frames()
-        pending = bytearray()
+        pending = bytearray()  # client input the process has not taken yet
         client_open, eof_wanted = True, False
         try:
             while outputs:
-                want_sock = client_open and len(pending) < HIGH_WATER
-                sock_ready, ready, writable = stream.wait(
-                    conn, want_sock, list(outputs), [in_fd] if pending and in_fd >= 0 else [], 1.0)
+                sources = [] if box.full else list(outputs)
+                writable = [in_fd] if pending and in_fd >= 0 else []
+                if box.buf:
+                    writable.append(conn.fileno())
+                sock_ready, ready, can_write = stream.wait(
+                    conn, client_open and len(pending) < HIGH_WATER, sources, writable, 1.0)
+                if conn.fileno() in can_write:
+                    box.flush()
                 if sock_ready:
-                    data = conn.recv(stream.CHUNK)
-                    if not data:  # the client went away: the process must not live on unseen
+                    data = box.recv()
+                    if data == b"":  # the client went away: the process must not live on unseen
                         client_open = False
+                        box.buf.clear()
                         self._kill()
-                        continue
-                    for kind, payload in frames.feed(data):
-                        eof_wanted |= self._handle(kind, payload, proc, in_fd, pending)
+                    for kind, payload in frames.feed(data or b""):
+                        eof_wanted |= self._handle(kind, payload, in_fd, pending)
                 for fd in ready:
                     try:
                         data = os.read(fd, stream.CHUNK)
@@ -93,9 +112,9 @@ class Session:
                         data = b""
                     if not data:
                         del outputs[fd]
-                    elif client_open:
-                        conn.sendall(stream.frame(outputs[fd], data))
-                if writable and pending:
+                    elif client_open and (data := _without_late_resize(data, self.tty, outputs[fd])):
+                        box.put(stream.frame(outputs[fd], data))
+                if in_fd in can_write and pending:
                     try:
                         del pending[:os.write(in_fd, bytes(pending[:stream.CHUNK]))]
                     except BlockingIOError:
@@ -107,12 +126,14 @@ class Session:
                     in_fd = self._close_input(proc, in_fd)
             code = proc.wait()
             if client_open:
-                conn.sendall(stream.exit_status(code))
+                box.put(stream.exit_status(code))
+                box.drain(SEND_TIMEOUT)
             return code
         except (OSError, stream.ProtocolError) as e:
             self._kill()
             with contextlib.suppress(OSError):
-                conn.sendall(stream.frame(stream.ERROR, str(e).encode()))
+                box.put(stream.frame(stream.ERROR, str(e).encode()))
+                box.drain(5)
             return -1
         finally:
             if proc.poll() is None:
@@ -121,8 +142,7 @@ class Session:
             if self.master >= 0:
                 os.close(self.master)
 
-    def _handle(self, kind: bytes, payload: bytes, proc: subprocess.Popen[bytes], in_fd: int,
-                pending: bytearray) -> bool:
+    def _handle(self, kind: bytes, payload: bytes, in_fd: int, pending: bytearray) -> bool:
         """One client frame; returns True when the client has no more input."""
         if kind == stream.STDIN:
             if in_fd >= 0:

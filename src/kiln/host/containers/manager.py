@@ -95,10 +95,14 @@ class Runner:
         self.state_dir = state_dir
         self.sleep = sleep
         self.stopping = False
+        self.stop_asked = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def stop(self, _sig: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
-        self.stopping = True
+        """Ask for a stop (SIGTERM handler, or another thread): the container gets SIGTERM
+        now and SIGKILL after STOP_GRACE."""
+        if not self.stopping:
+            self.stopping, self.stop_asked = True, time.monotonic()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # ctr forwards it to the container's init
 
@@ -106,16 +110,20 @@ class Runner:
         """One run of the container; returns its exit status."""
         ctr.remove_stale(self.spec.runtime, self.spec.id)
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL)
-        if self.stopping:  # SIGTERM arrived between the check and the start
+        if self.stopping:  # the stop came between the check and the start
             self.stop()
+        killed = False
         while True:
+            # Short waits: a stop arrives while we wait (a signal handler does not end a
+            # blocking waitpid), and an init that ignores SIGTERM (PID 1 without a handler)
+            # must still go after the grace period.
             try:
-                code = self.proc.wait(timeout=STOP_GRACE if self.stopping else None)
-                break
+                return self.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
+                pass
+            if self.stopping and not killed and time.monotonic() - self.stop_asked > STOP_GRACE:
                 ctr.kill(self.spec.runtime, self.spec.id)
-                self.stopping = True
-        return code
+                killed = True
 
     def keep_running(self, persistent: Path | None) -> int:
         spec, restarts, backoff = self.spec, 0, 1.0
@@ -131,12 +139,14 @@ class Runner:
                 status.write(spec, "exited" if code == 0 else "failed", self.state_dir, restarts=restarts,
                              exit_code=code, detail=f"exited with status {code}")
                 return 0 if code == 0 else 1
-            backoff = 1.0 if time.monotonic() - started > STABLE_AFTER else min(backoff * 2, MAX_BACKOFF)
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff = 1.0  # it ran fine for a while: this is a new failure, not a crash loop
+            delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
             restarts += 1
             status.write(spec, "restarting", self.state_dir, restarts=restarts, exit_code=code,
-                         detail=f"exited with status {code}; restarting in {backoff:g} s")
-            print(f"{spec.id}: exited with status {code}; restart {restarts} in {backoff:g} s", flush=True)
-            self.sleep(backoff)
+                         detail=f"exited with status {code}; restarting in {delay:g} s")
+            print(f"{spec.id}: exited with status {code}; restart {restarts} in {delay:g} s", flush=True)
+            self.sleep(delay)
         status.write(spec, "stopped", self.state_dir, restarts=restarts)
         return 0
 

@@ -246,12 +246,15 @@ class Datastore:
             old = self.live()
             new = json.loads(json.dumps(old))
             for path in paths:
-                parent = new
+                chain = [new]  # the tables from the root down to the entry's map
                 for seg in path[:-1]:
-                    parent = parent.get(seg) or {}
-                if path[-1] not in parent:
+                    chain.append(chain[-1].get(seg) or {})
+                if path[-1] not in chain[-1]:
                     raise NotFound(f"settings.{'.'.join(path)} is not set", "keys")
-                del parent[path[-1]]
+                del chain[-1][path[-1]]
+                for depth in range(len(path) - 1, 0, -1):  # no empty tables left behind
+                    if not chain[depth]:
+                        del chain[depth - 1][path[depth - 1]]
             validate(new)
             self._write(self.version_dir / "live" / "settings.json", new)
             return [("settings", *k) for k in changed_keys(old, new)]

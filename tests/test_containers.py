@@ -1,0 +1,474 @@
+"""The container manager and `kiln exec`, host side, against a real containerd and registry.
+
+A private containerd (own root, state and socket) stands in for the host's two instances
+(the specs' runtimes point at it); images come from docker-registry on 127.0.0.1, pushed by
+`kiln oci push`. Superpowered containers join PID 1's namespaces, which this sandboxed test
+machine does not allow: they are covered by the VM test (tests/vm/test_containers.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import http.server
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.core.errors import KilnError
+from kiln.host.api import stream
+from kiln.host.api.client import ApiRefused
+from kiln.host.containers import ctr, manager, spec, status
+from kiln.host.containers.control import overview
+from kiln.host.containers.spec import Mount, Runtime, Spec, from_settings, normalize_image
+from kiln.vm.qemu import free_port
+from tests.registry import Containerd, OciRegistry
+from tests.test_api import ApiHost, running_api
+
+# --- pure: settings → specs → ctr argv -------------------------------------------------------
+
+
+def test_image_references_are_normalized_like_docker() -> None:
+    assert normalize_image("busybox") == "docker.io/library/busybox:latest"
+    assert normalize_image("library/busybox:1") == "docker.io/library/busybox:1"
+    assert normalize_image("10.0.2.2:5000/kiln/admin:1") == "10.0.2.2:5000/kiln/admin:1"
+    assert normalize_image("localhost/x") == "localhost/x:latest"
+    digest = "sha256:" + "a" * 64
+    assert normalize_image(f"ghcr.io/a/b@{digest}") == f"ghcr.io/a/b@{digest}"
+
+
+def test_specs_from_settings_and_their_digest() -> None:
+    tree: dict[str, Any] = {
+        "host-containers": {"admin": {"source": "r/admin:1", "enabled": True, "superpowered": True}},
+        "bootstrap-containers": {"prep": {"source": "r/b:1", "mode": "once", "essential": True},
+                                 "idle": {"source": "r/b:1"}},
+        "containers": {"web": {"image": "r/httpd:1", "env": {"B": "2", "A": "1"}, "restart": "on-failure",
+                               "mounts": [{"source": "/local/www", "destination": "/www", "read-only": True}]}},
+    }
+    (admin,) = from_settings(tree, "host")
+    assert (admin.kind, admin.id, admin.enabled, admin.superpowered) == ("host", "host-admin", True, True)
+    assert admin.unit == "kiln-container@host:admin.service"
+    idle, prep = from_settings(tree, "bootstrap")
+    assert not idle.enabled and prep.enabled and prep.superpowered and prep.essential and prep.restart == "never"
+    (web,) = from_settings(tree, "workload")
+    assert web.env == (("A", "1"), ("B", "2")) and web.mounts == (Mount("/local/www", "/www", True),)
+    assert web.runtime == spec.WORKLOAD_RUNTIME and admin.runtime == spec.HOST_RUNTIME
+    tree["containers"]["web"]["env"]["A"] = "changed"
+    assert from_settings(tree, "workload")[0].digest != web.digest  # a change means a restart
+    # `once` → `off` is the manager's own bookkeeping, not a reason to restart anything
+    tree["bootstrap-containers"]["prep"]["mode"] = "always"
+    assert from_settings(tree, "bootstrap")[1].digest == prep.digest
+
+
+def test_ctr_argv_superpowered_or_confined() -> None:
+    admin = Spec("host", "admin", "reg.example/admin:1", superpowered=True)
+    argv = ctr.run_argv(admin, Path("/local/host-containers/admin"))
+    assert {"--privileged", "--net-host"} <= set(argv) and "pid:/proc/1/ns/pid" in argv
+    assert "type=bind,src=/,dst=/.kiln/rootfs,options=rbind:rslave:rw" in argv
+    assert "type=bind,src=/run/kiln/api.sock,dst=/run/kiln/api.sock,options=bind:rw" in argv
+    assert "KILN_CONTAINER=admin" in argv and argv[-2:] == ["reg.example/admin:1", "host-admin"]
+    web = Spec("workload", "web", "reg.example/h", command=("httpd", "-f"), network="none",
+               mounts=(Mount("/local/www", "/www", True),))
+    argv = ctr.run_argv(web)
+    assert "--seccomp" in argv and "--privileged" not in argv and "--net-host" not in argv
+    assert not any("api.sock" in a or "rootfs" in a for a in argv)
+    assert "type=bind,src=/local/www,dst=/www,options=rbind:ro" in argv
+    assert argv[-4:] == ["reg.example/h:latest", "workload-web", "httpd", "-f"]
+
+
+def test_registry_settings_become_hosts_files(tmp_path: Path) -> None:
+    settings = {"mirrors": {"10.0.2.2:5000": ["http://10.0.2.2:5000"],
+                            "docker.io": ["https://mirror.example", "http://10.0.2.2:5001"],
+                            "*": ["https://any.example"]},
+                "credentials": {"docker.io": {"username": "u", "password": "p:w"}}}
+    ctr.write_hosts_dir(tmp_path / "hosts", settings)
+    local = (tmp_path / "hosts/10.0.2.2:5000/hosts.toml").read_text()
+    assert 'server = "http://10.0.2.2:5000"' in local and "[host." not in local  # plain HTTP: asked for
+    hub = (tmp_path / "hosts/docker.io/hosts.toml").read_text()
+    assert 'server = "https://registry-1.docker.io"' in hub
+    assert hub.index('[host."https://mirror.example"]') < hub.index('[host."http://10.0.2.2:5001"]')
+    assert "server" not in (tmp_path / "hosts/_default/hosts.toml").read_text()
+    assert ctr.credentials_for(settings, "busybox") == "u:p:w"
+    assert ctr.credentials_for(settings, "10.0.2.2:5000/x") is None
+
+
+# --- a real containerd and registry ----------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Containerd]:
+    with Containerd(tmp_path / "containerd", namespace="kiln") as c:
+        rt = Runtime(str(c.socket), "kiln", "test-containerd.service")
+        monkeypatch.setattr(spec, "HOST_RUNTIME", rt)
+        monkeypatch.setattr(spec, "WORKLOAD_RUNTIME", rt)
+        monkeypatch.setattr(manager, "start_runtime", lambda s: None)  # it is running already
+        yield c
+
+
+def mirror(reg: OciRegistry) -> dict[str, Any]:
+    return {"mirrors": {reg.address: [f"http://{reg.address}"]}}
+
+
+def test_pull_through_the_settings_and_clear_errors(
+    ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    rt = spec.WORKLOAD_RUNTIME
+    ref = oci_registry.refs["httpd"]
+    # (containerd itself falls back to plain HTTP for loopback registries; the VM test shows
+    # that 10.0.2.2 needs the http:// mirror entry.)
+    ctr.pull(rt, ref, mirror(oci_registry), tmp_path / "hosts")
+    assert ctr.image_present(rt, ref)
+    listed = ctrd.ctr("images", "ls").stdout.decode()
+    assert oci_registry.digests["httpd"] in listed  # the digest kiln oci push reported
+    missing = f"{oci_registry.address}/kiln/nope:1"
+    with pytest.raises(ctr.PullFailed, match=r"kiln/nope:1.*not found"):
+        ctr.pull(rt, missing, mirror(oci_registry), tmp_path / "hosts")
+    with pytest.raises(ctr.PullFailed, match="connection refused"):
+        port = free_port()
+        ctr.pull(rt, f"127.0.0.1:{port}/kiln/httpd:1", {"mirrors": {f"127.0.0.1:{port}": [f"http://127.0.0.1:{port}"]}},
+                 tmp_path / "hosts")
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_registry_that_refuses_is_named_and_credentials_stay_hidden(ctrd: Containerd, tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        settings = {"mirrors": {addr: [f"http://{addr}"]},
+                    "credentials": {addr: {"username": "ci", "password": "s3cret"}}}
+        with pytest.raises(ctr.PullFailed) as e:
+            ctr.pull(spec.WORKLOAD_RUNTIME, f"{addr}/kiln/httpd:1", settings, tmp_path / "hosts")
+        assert "403" in str(e.value) and "s3cret" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _get(port: int, timeout: float = 2) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
+        return str(r.read().decode())
+
+
+def _wait(cond: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got = cond()
+        except OSError:
+            got = None
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always") -> dict[str, Any]:
+    return {
+        "container-registry": mirror(reg),
+        "containers": {"web": {"image": reg.refs["httpd"], "restart": restart,
+                               "command": ["/bin/httpd", "-f", "-p", str(port), "-h", "/www"],
+                               "mounts": [{"source": str(www), "destination": "/www", "read-only": True}]}},
+    }
+
+
+@pytest.fixture
+def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> Iterator[tuple[manager.Runner, int]]:
+    """The httpd workload run by the manager's Runner, serving a directory of ours."""
+    port = free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("served from a mount\n")
+    settings = web_settings(oci_registry, port, www)
+    (web_spec,) = from_settings(settings, "workload")
+    # Mount sources must be under /local on a host; the model checks that, not the runner.
+    manager.pull(web_spec, settings, tmp_path / "state")
+    runner = manager.Runner(web_spec, tmp_path / "state", sleep=lambda s: time.sleep(min(s, 0.5)))
+    thread = threading.Thread(target=runner.keep_running, args=(None,), daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: _get(port), "the workload to serve")
+        yield runner, port
+    finally:
+        runner.stop()
+        thread.join(40)
+        assert not thread.is_alive(), "the runner did not stop"
+
+
+def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
+    web: tuple[manager.Runner, int], ctrd: Containerd, tmp_path: Path
+) -> None:
+    runner, port = web
+    assert _get(port) == "served from a mount\n"
+    pid, state = ctr.tasks(spec.WORKLOAD_RUNTIME)["workload-web"]
+    assert state == "RUNNING"
+    os.kill(pid, 9)  # the container's process dies
+    _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).restarts == 1,
+          "the restart")
+    assert _wait(lambda: _get(port), "serving again") == "served from a mount\n"
+    new_pid = _wait(lambda: ctr.tasks(spec.WORKLOAD_RUNTIME).get("workload-web", (0, ""))[0], "the new task")
+    assert new_pid != pid
+    runner.stop()
+    _wait(lambda: "workload-web" not in ctr.tasks(spec.WORKLOAD_RUNTIME), "the task to go")
+    _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).state == "stopped",
+          "the stopped state")
+    assert "workload-web" not in ctrd.ctr("containers", "ls", "-q").stdout.decode().split()
+
+
+@pytest.mark.parametrize(("restart", "code", "state", "runs"), [
+    ("never", 3, "failed", 1), ("on-failure", 0, "exited", 1), ("on-failure", 4, "failed", 3)])
+def test_restart_policies(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
+                          restart: str, code: int, state: str, runs: int) -> None:
+    marker = tmp_path / "runs"
+    marker.mkdir()
+    # Each run leaves a file; on-failure with a failing command is stopped after 3 runs.
+    job = Spec("workload", "job", oci_registry.refs["httpd"], restart=restart,  # type: ignore[arg-type]
+               command=("/bin/sh", "-c", f"mktemp /runs/run.XXXXXX; exit {code}"),
+               mounts=(Mount(str(marker), "/runs"),))
+    manager.pull(job, {"container-registry": mirror(oci_registry)}, tmp_path / "state")
+    sleeps: list[float] = []
+    runner = manager.Runner(job, tmp_path / "state", sleep=sleeps.append)
+    if runs > 1:
+        runner.sleep = lambda s: (sleeps.append(s), len(sleeps) >= runs and runner.stop())  # type: ignore[func-returns-value]
+    result = runner.keep_running(None)
+    st = status.read(job, tmp_path / "state")
+    assert st is not None
+    assert len(list(marker.iterdir())) == runs
+    if runs == 1:
+        assert (result, st.state, st.exit_code) == (0 if code == 0 else 1, state, code)
+    else:
+        # stopped while waiting after the third failure; the wait doubles each time
+        assert st.state == "stopped" and st.restarts == runs and sleeps == [1.0, 2.0, 4.0]
+
+
+# --- the API: containers, exec, removal --------------------------------------------------------------
+
+
+@pytest.fixture
+def api_host(tmp_path: Path) -> Iterator[ApiHost]:
+    with running_api(tmp_path / "api") as host:
+        host.api.containers_state = tmp_path / "state"
+        yield host
+
+
+def kiln_cli(host: ApiHost, *args: str, input: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "kiln.host.cli", "--socket", str(host.socket), *args],
+                          input=input, capture_output=True, timeout=timeout, check=False)
+
+
+def test_exec_streams_exit_status_and_backpressure(
+    web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    runner, _port = web
+    c = api_host.client()
+    # (the runner's mount is outside /local, which the model refuses: declare the name only)
+    c.request("PATCH", "/settings", {"containers": {"web": {"image": runner.spec.image}}})
+    c.request("POST", "/tx/commit")
+    out = kiln_cli(api_host, "exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (out.returncode, out.stdout, out.stderr) == (7, b"out\n", b"err\n"), out.stderr.decode()
+    # 8 MiB through the container and back: the client stops reading stdin while the
+    # process has not taken the last chunk, so nothing piles up in the API server.
+    data = os.urandom(8 << 20)
+    out = kiln_cli(api_host, "exec", "-T", "web", "--", "cat", input=data, timeout=120)
+    assert out.returncode == 0 and out.stdout == data, out.stderr
+    out = kiln_cli(api_host, "exec", "web", "--", "cat", "/www/index.html")
+    assert out.stdout == b"served from a mount\n"
+    # the state the manager wrote is what the API shows
+    (entry,) = [e for e in c.request("GET", "/containers") if e["kind"] == "workload"]
+    assert (entry["kind"], entry["name"], entry["state"], entry["restarts"]) == ("workload", "web", "running", 0)
+
+
+def test_exec_with_a_terminal_follows_its_size(
+    web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    runner, _port = web
+    c = api_host.client()
+    # (the runner's mount is outside /local, which the model refuses: declare the name only)
+    c.request("PATCH", "/settings", {"containers": {"web": {"image": runner.spec.image}}})
+    c.request("POST", "/tx/commit")
+    # `kiln exec` on a terminal of 33 x 101: the container's terminal has that size (ctr sets
+    # it just after the start: a command that asks at once may see 0x0, hence the sleep).
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.host.cli", "--socket", str(api_host.socket),
+                             "exec", "web", "--", "sh", "-c", "sleep 1; stty size"],
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    got = b""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            got += os.read(master, 4096)
+        except OSError:
+            break
+    proc.wait(10)
+    os.close(master)
+    assert proc.returncode == 0 and b"33 101" in got, got
+    # A resize frame mid-session changes it (the raw protocol, as `kiln exec` sends on SIGWINCH):
+    # each line typed prints the terminal's size.
+    sock, rest = c.upgrade("/exec", {"target": "web", "command": ["sh", "-c", "while read x; do stty size; done"],
+                                     "tty": True, "rows": 10, "cols": 20}, stream.PROTOCOL)
+    sock.settimeout(2)
+    frames, output = stream.Frames(), b""
+
+    def typed_until(expected: bytes) -> None:
+        nonlocal output
+        deadline = time.monotonic() + 30
+        while expected not in output:
+            assert time.monotonic() < deadline, f"no {expected!r} in {output!r}"
+            sock.sendall(stream.frame(stream.STDIN, b"x\r"))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            output += b"".join(p for k, p in frames.feed(data) if k == stream.STDOUT)
+
+    output += b"".join(p for k, p in frames.feed(rest) if k == stream.STDOUT)
+    typed_until(b"10 20")  # the size asked for at the start
+    sock.sendall(stream.resize(50, 120))
+    typed_until(b"50 120")
+    sock.sendall(stream.frame(stream.STDIN, b"\x04"))  # ^D: read fails, the loop ends
+    sock.settimeout(30)
+    code = None
+    while code is None:
+        data = sock.recv(65536)
+        assert data, "the session ended without an exit status"
+        code = next((stream.unpack_int(p) for k, p in frames.feed(data) if k == stream.EXIT), None)
+    sock.close()
+    assert code == 0
+
+
+def test_exec_refusals(api_host: ApiHost, ctrd: Containerd) -> None:
+    c = api_host.client()
+    c.request("PATCH", "/settings", {"containers": {"web": {"image": "r/httpd:1"}}})
+    c.request("POST", "/tx/commit")
+    with pytest.raises(ApiRefused) as e:
+        c.request("POST", "/exec", {"target": "web", "command": ["true"]})
+    assert e.value.status == 426
+    for body, status_, path in [
+        ({"target": "nope", "command": ["true"]}, 404, "target"),
+        ({"target": "web", "command": ["true"]}, 409, "target"),  # declared, not running
+        ({"target": "web", "command": []}, 400, "command"),
+        ({"target": "Web!", "command": ["true"]}, 400, "target"),
+        ({"target": "web", "command": ["true"], "rows": 0}, 400, "rows"),
+        ({"target": "web", "command": ["true"], "shell": True}, 400, "shell"),
+    ]:
+        with pytest.raises(ApiRefused) as e:
+            c.upgrade("/exec", body, stream.PROTOCOL)
+        assert (e.value.status, e.value.body["path"]) == (status_, path), body
+    out = kiln_cli(api_host, "exec", "web", "--", "true")
+    assert out.returncode == 1 and b"is not running" in out.stderr
+
+
+def test_containers_overview_and_removal(api_host: ApiHost, tmp_path: Path) -> None:
+    c = api_host.client()
+    c.request("PATCH", "/settings", {
+        "containers": {"web": {"image": "r/httpd:1"}, "db": {"image": "r/db:1", "enabled": False}},
+        "bootstrap-containers": {"prep": {"source": "r/b:1", "mode": "once"}}})
+    c.request("POST", "/tx/commit")
+    tree = api_host.store.live()
+    (web_spec,) = [s for s in from_settings(tree, "workload") if s.name == "web"]
+    status.write(web_spec, "failed", tmp_path / "state", detail="cannot pull r/httpd:1: not found")
+    by_name = {e["name"]: e for e in c.request("GET", "/containers")}
+    assert by_name["web"]["state"] == "failed" and "not found" in by_name["web"]["detail"]
+    assert by_name["db"]["state"] == "disabled" and by_name["prep"]["mode"] == "once"
+    assert by_name["admin"]["kind"] == "host" and by_name["admin"]["state"] == "disabled"  # the default
+    assert overview(tree, tmp_path / "state") == c.request("GET", "/containers")
+
+    before = api_host.state()
+    for target, code in [("/settings?keys=motd", 400), ("/settings?keys=containers", 400),
+                         ("/settings?keys=containers.nope", 404), ("/settings", 400)]:
+        with pytest.raises(ApiRefused) as e:
+            c.request("DELETE", target)
+        assert e.value.status == code, target
+    assert api_host.state() == before  # refused: nothing changed
+    got = c.request("DELETE", "/settings?keys=containers.web,bootstrap-containers.prep")
+    assert got["changed"] == ["settings.bootstrap-containers.prep.mode", "settings.bootstrap-containers.prep.source",
+                              "settings.containers.web.image"]
+    assert "containers" in got["apply"]["services"]
+    assert set(c.request("GET", "/settings")["containers"]) == {"db"}
+    out = kiln_cli(api_host, "settings", "unset", "containers.db")
+    assert out.returncode == 0 and b"settings.containers.db" in out.stdout
+    assert "containers" not in c.request("GET", "/settings")
+
+
+def test_registry_passwords_are_hidden_from_readers(api_host: ApiHost) -> None:
+    c = api_host.client()
+    c.request("PATCH", "/settings", {"container-registry": {"credentials": {
+        "docker.io": {"username": "u", "password": "p1"}, "10.0.2.2:5000": {"username": "v", "password": "p2"}}}})
+    c.request("POST", "/tx/commit")
+    seen = api_host.api.visible(api_host.store.live(), "reader")["container-registry"]["credentials"]
+    assert seen == {"docker.io": {"username": "u", "password": "<redacted>"},
+                    "10.0.2.2:5000": {"username": "v", "password": "<redacted>"}}
+
+
+def test_user_data_and_persistent_directory(tmp_path: Path) -> None:
+    s = Spec("host", "admin", "r/a", user_data=base64.b64encode(b"#!/bin/sh\necho hi\n").decode())
+    d = manager.prepare(s, tmp_path)
+    assert d == tmp_path / "admin" and (d / "user-data").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert oct((d / "user-data").stat().st_mode & 0o777) == "0o600"
+    manager.prepare(Spec("host", "admin", "r/a"), tmp_path)
+    assert not (d / "user-data").exists()  # user data removed from the settings: gone here too
+    with pytest.raises(KilnError, match=r"host-containers\.admin\.user-data is not valid base64"):
+        manager.prepare(Spec("host", "admin", "r/a", user_data="a"), tmp_path)
+
+
+def test_sync_waits_for_the_boot_then_matches_units_to_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync decides from the settings and the status files; systemctl is recorded here
+    (the VM test runs the real units)."""
+    calls: list[tuple[str, ...]] = []
+    units: dict[str, str] = {"kiln-container@workload:old.service": "active",
+                             "kiln-container@workload:same.service": "active"}
+
+    def systemctl(*args: str) -> str:
+        calls.append(args)
+        if args[0] == "list-units":
+            kind = args[-1].split("@")[1].split(":")[0]
+            return "".join(f"{u} loaded {a} running x\n" for u, a in units.items() if f"@{kind}:" in u)
+        return ""
+
+    tree = {"containers": {"same": {"image": "r/a:1"}, "new": {"image": "r/b:1"}, "off": {"image": "r/c:1",
+                                                                                            "enabled": False}}}
+    monkeypatch.setattr(manager, "_systemctl", systemctl)
+    monkeypatch.setattr(manager, "live_settings", lambda: tree)
+    state = tmp_path / "state"
+    assert manager.sync(["workload"], state) == []  # before kiln-containers.service: nothing
+    same = from_settings(tree, "workload")[2]
+    assert same.name == "same"
+    status.write(same, "running", state)
+    actions = manager.sync(["workload"], state, boot=True)
+    assert actions == ["stop kiln-container@workload:old.service", "restart kiln-container@workload:new.service"]
+    assert (state / "booted").exists()
+    tree["containers"]["same"]["image"] = "r/a:2"  # changed: restarted
+    assert manager.sync(["workload"], state) == ["stop kiln-container@workload:old.service",
+                                                 "restart kiln-container@workload:new.service",
+                                                 "restart kiln-container@workload:same.service"]
+    assert json.loads((state / "workload-same.json").read_text())["state"] == "running"
