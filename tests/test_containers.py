@@ -95,7 +95,7 @@ def test_registry_settings_become_hosts_files(tmp_path: Path) -> None:
                 "credentials": {"docker.io": {"username": "u", "password": "p:w"}}}
     ctr.write_hosts_dir(tmp_path / "hosts", settings)
     local = (tmp_path / "hosts/10.0.2.2:5000/hosts.toml").read_text()
-    assert 'server = "http://10.0.2.2:5000"' in local and "[host." not in local  # plain HTTP: asked for
+    assert 'server = "http://10.0.2.2:5000"' in local and '[host."http://10.0.2.2:5000"]' in local  # asked for
     hub = (tmp_path / "hosts/docker.io/hosts.toml").read_text()
     assert 'server = "https://registry-1.docker.io"' in hub
     assert hub.index('[host."https://mirror.example"]') < hub.index('[host."http://10.0.2.2:5001"]')

@@ -61,9 +61,10 @@ def hosts_toml(registry: str, mirrors: Sequence[str]) -> str:
     lines = ["# Rendered by Kiln from settings.container-registry for each pull."]
     if registry != "_default":
         lines.append(f"server = {_toml_str(server)}")
+    # Every endpoint as a [host] entry, the registry itself over plain HTTP too: ctr 1.6
+    # does not use `server` alone for an http:// registry (measured), only [host] entries.
     for m in mirrors:
-        if m.rstrip("/") != server:
-            lines += ["", f"[host.{_toml_str(m.rstrip('/'))}]", 'capabilities = ["pull", "resolve"]']
+        lines += ["", f"[host.{_toml_str(m.rstrip('/'))}]", 'capabilities = ["pull", "resolve"]']
     return "\n".join(lines) + "\n"
 
 
