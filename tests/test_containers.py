@@ -472,3 +472,16 @@ def test_sync_waits_for_the_boot_then_matches_units_to_settings(
                                                  "restart kiln-container@workload:new.service",
                                                  "restart kiln-container@workload:same.service"]
     assert json.loads((state / "workload-same.json").read_text())["state"] == "running"
+
+
+def test_resolv_conf_from_dhcp_leases(tmp_path: Path) -> None:
+    leases = tmp_path / "leases"
+    leases.mkdir()
+    (leases / "2").write_text("# This is private data. Do not parse.\nADDRESS=10.0.2.15\nDNS=10.0.2.3 10.0.2.4\n")
+    (leases / "3").write_text("ADDRESS=192.168.1.5\nDNS=10.0.2.3\n")
+    dest = tmp_path / "resolv.conf"
+    dest.symlink_to(tmp_path / "dangling")  # what a stub-resolver link looks like without resolved
+    manager.write_resolv_conf(leases, dest)
+    assert dest.read_text().splitlines()[1:] == ["nameserver 10.0.2.3", "nameserver 10.0.2.4"]
+    manager.write_resolv_conf(tmp_path / "none", dest)  # no lease: the file still exists
+    assert dest.read_text().startswith("# Written by Kiln") and "nameserver" not in dest.read_text()

@@ -175,8 +175,36 @@ def run_container(kind: Kind, name: str, state_dir: Path = status.STATE_DIR) -> 
 # -- bootstrap containers --------------------------------------------------------------
 
 
+LEASES = Path("/run/systemd/netif/leases")
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def write_resolv_conf(leases: Path = LEASES, dest: Path = RESOLV_CONF) -> None:
+    """/etc/resolv.conf from networkd's DHCP leases (a Kiln host runs no resolver daemon).
+
+    containerd resolves registry names with it, and `ctr run --net-host` binds it into
+    every host-network container, so it must exist even when DHCP gave no DNS server.
+    """
+    servers: list[str] = []
+    for lease in sorted(leases.glob("*")) if leases.is_dir() else []:
+        for line in lease.read_text(errors="replace").splitlines():
+            if line.startswith("DNS="):
+                servers += [s for s in line[4:].split() if s not in servers]
+    text = "# Written by Kiln's container manager from the DHCP leases.\n" + "".join(
+        f"nameserver {s}\n" for s in servers[:3])
+    try:
+        if dest.read_text() == text:
+            return
+    except OSError:
+        pass
+    from kiln.core.fs import atomic_write
+
+    atomic_write(dest, text.encode(), mode=0o644)
+
+
 def start_runtime(spec: Spec) -> None:
     """The containerd `spec` runs on (the host one starts only when something needs it)."""
+    write_resolv_conf()
     proc = run([SYSTEMCTL, "start", spec.runtime.unit], check=False, timeout=120)
     if proc.returncode != 0:
         raise KilnError(f"{spec.runtime.unit} did not start: {proc.stderr.decode().strip()}")
