@@ -108,7 +108,7 @@ def test_layer_is_deterministic_tar(registry_images: OciRegistry) -> None:
         "io.kiln.image.name": "kiln/admin", "org.opencontainers.image.ref.name": "1"}
     config = image.config["config"]
     assert config["Entrypoint"] == ["/usr/bin/admin-init"]
-    assert config["Env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert config["Env"] == ["PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
     assert config["Labels"] == {"org.opencontainers.image.title": "kiln-admin"}
 
 
@@ -162,7 +162,7 @@ def test_skopeo_and_umoci_read_the_layout(registry_images: OciRegistry, tmp_path
     assert (rootfs / "usr/bin/sh").resolve() == (rootfs / "bin/busybox").resolve()
     process = json.loads((bundle / "config.json").read_text())["process"]
     assert process["args"] == ["/usr/bin/admin-init"]
-    assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin" in process["env"]
+    assert "PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in process["env"]
 
 
 def test_admin_init_idles_and_exits_0_on_sigterm(registry_images: OciRegistry, tmp_path: Path) -> None:
