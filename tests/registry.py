@@ -277,3 +277,35 @@ class Containerd:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """Answers every request with 403 and a distribution-style error body."""
+
+    def do_GET(self) -> None:
+        body = b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def refusing_registry() -> Iterator[int]:
+    """A "registry" on 127.0.0.1 that refuses everyone (403); yields its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+

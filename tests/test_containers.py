@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import http.server
 import json
 import os
 import pty
@@ -34,7 +33,7 @@ from kiln.host.containers import ctr, manager, spec, status
 from kiln.host.containers.control import overview
 from kiln.host.containers.spec import Mount, Runtime, Spec, from_settings, normalize_image
 from kiln.vm.qemu import free_port
-from tests.registry import Containerd, OciRegistry
+from tests.registry import Containerd, OciRegistry, refusing_registry
 from tests.test_api import ApiHost, running_api
 
 # --- pure: settings → specs → ctr argv -------------------------------------------------------
@@ -141,34 +140,14 @@ def test_pull_through_the_settings_and_clear_errors(
                  tmp_path / "hosts")
 
 
-class _Refusing(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_a_registry_that_refuses_is_named_and_credentials_stay_hidden(ctrd: Containerd, tmp_path: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        addr = f"127.0.0.1:{server.server_address[1]}"
+    with refusing_registry() as port:
+        addr = f"127.0.0.1:{port}"
         settings = {"mirrors": {addr: [f"http://{addr}"]},
                     "credentials": {addr: {"username": "ci", "password": "s3cret"}}}
         with pytest.raises(ctr.PullFailed) as e:
             ctr.pull(spec.WORKLOAD_RUNTIME, f"{addr}/kiln/httpd:1", settings, tmp_path / "hosts")
         assert "403" in str(e.value) and "s3cret" not in str(e.value)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _get(port: int, timeout: float = 2) -> str:
@@ -282,14 +261,19 @@ def kiln_cli(host: ApiHost, *args: str, input: bytes = b"", timeout: float = 60)
                           input=input, capture_output=True, timeout=timeout, check=False)
 
 
+def declare(host: ApiHost, runner: manager.Runner) -> None:
+    """Put the runner's container in the settings (its mount is outside /local, which the
+    model refuses: the name and image are what exec and the overview need)."""
+    host.client().request("PATCH", "/settings", {"containers": {runner.spec.name: {"image": runner.spec.image}}})
+    host.client().request("POST", "/tx/commit")
+
+
 def test_exec_streams_exit_status_and_backpressure(
     web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
     runner, _port = web
+    declare(api_host, runner)
     c = api_host.client()
-    # (the runner's mount is outside /local, which the model refuses: declare the name only)
-    c.request("PATCH", "/settings", {"containers": {"web": {"image": runner.spec.image}}})
-    c.request("POST", "/tx/commit")
     out = kiln_cli(api_host, "exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (out.returncode, out.stdout, out.stderr) == (7, b"out\n", b"err\n"), out.stderr.decode()
     # 8 MiB through the container and back: the client stops reading stdin while the
@@ -308,10 +292,8 @@ def test_exec_with_a_terminal_follows_its_size(
     web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
     runner, _port = web
+    declare(api_host, runner)
     c = api_host.client()
-    # (the runner's mount is outside /local, which the model refuses: declare the name only)
-    c.request("PATCH", "/settings", {"containers": {"web": {"image": runner.spec.image}}})
-    c.request("POST", "/tx/commit")
     # `kiln exec` on a terminal of 33 x 101: the container's terminal has that size (ctr sets
     # it just after the start: a command that asks at once may see 0x0, hence the sleep).
     master, slave = pty.openpty()

@@ -8,12 +8,10 @@ over plain HTTP because its user data says so for that registry.
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,39 +23,13 @@ import pytest
 from kiln import pki
 from kiln.vm.qemu import Forward, Vm, free_port
 from tests.conftest import Images, raw_copy
-from tests.registry import OciRegistry
+from tests.registry import OciRegistry, refusing_registry
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 def b64(script: str) -> str:
     return base64.b64encode(script.encode()).decode()
-
-
-class _Refusing(http.server.BaseHTTPRequestHandler):
-    """A registry that says no to everyone."""
-
-    def do_GET(self) -> None:
-        body = b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def refusing_registry() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 class Host:
@@ -101,8 +73,14 @@ class Host:
         return self.vm.check(f"ctr --address /run/{runtime}/containerd.sock -n kiln tasks ls")
 
 
+@pytest.fixture
+def refusing() -> Iterator[int]:
+    with refusing_registry() as port:
+        yield port
+
+
 def test_containers_from_user_data_exec_over_mtls_and_bootstrap_across_reboots(
-    images: Images, boot: Callable[..., Vm], oci_registry: OciRegistry, refusing_registry: int, tmp_path: Path
+    images: Images, boot: Callable[..., Vm], oci_registry: OciRegistry, refusing: int, tmp_path: Path
 ) -> None:
     build = images.get(debug_console=True)
     fleet = tmp_path / "pki"
@@ -176,8 +154,8 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     bad = host.kiln("settings", "set", "containers.bad.image=Not An Image")
     assert bad.returncode == 1 and "400" in bad.stderr and "settings.containers.bad.image" in bad.stderr
     host.ok("settings", "set", f"containers.ghost.image={reg}/kiln/nope:1",
-            f"containers.denied.image=10.0.2.2:{refusing_registry}/kiln/httpd:1",
-            f'container-registry.mirrors."10.0.2.2:{refusing_registry}"=["http://10.0.2.2:{refusing_registry}"]')
+            f"containers.denied.image=10.0.2.2:{refusing}/kiln/httpd:1",
+            f'container-registry.mirrors."10.0.2.2:{refusing}"=["http://10.0.2.2:{refusing}"]')
     ghost = host.until("the missing image to fail", lambda: (e := host.containers()["workload:ghost"])["state"]
                        == "failed" and e)
     assert "kiln/nope:1" in ghost["detail"] and "not found" in ghost["detail"], ghost

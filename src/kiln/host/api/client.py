@@ -93,10 +93,7 @@ class Client:
             raise ApiUnreachable(f"cannot reach the Kiln API at {self.where}: {e}") from None
         finally:
             conn.close()
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = raw.decode(errors="replace")
+        decoded = _decode(raw)
         if resp.status >= 400:
             raise ApiRefused(resp.status, decoded)
         return decoded
@@ -144,9 +141,13 @@ class Client:
                 rest += chunk
         finally:
             conn.close()
-        try:
-            decoded = json.loads(rest) if rest else None
-        except ValueError:
-            decoded = rest.decode(errors="replace")
-        raise ApiRefused(status, decoded)
+        raise ApiRefused(status, _decode(rest))
+
+
+def _decode(raw: bytes) -> Any:
+    """A response body: JSON when it is, else text (a proxy's error page)."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
 
