@@ -32,8 +32,10 @@ from kiln.host.api.client import ApiRefused
 from kiln.host.containers import ctr, manager, spec, status
 from kiln.host.containers.control import overview
 from kiln.host.containers.spec import Mount, Runtime, Spec, from_settings, normalize_image
+from kiln.oci.push import Credentials, push
+from kiln.oci.registry import LocalRegistry
 from kiln.vm.qemu import free_port
-from tests.registry import Containerd, OciRegistry, refusing_registry
+from tests.registry import Containerd, OciRegistry, refusing_registry, write_htpasswd
 from tests.test_api import ApiHost, running_api
 
 # --- pure: settings → specs → ctr argv -------------------------------------------------------
@@ -148,6 +150,28 @@ def test_a_registry_that_refuses_is_named_and_credentials_stay_hidden(ctrd: Cont
         with pytest.raises(ctr.PullFailed) as e:
             ctr.pull(spec.WORKLOAD_RUNTIME, f"{addr}/kiln/httpd:1", settings, tmp_path / "hosts")
         assert "403" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_credentials_from_the_settings_open_a_private_registry(
+    ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    """docker-registry with htpasswd: no or wrong credentials → 401 named; the right ones pull."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"fleet": "pull-secret"})
+    layout = oci_registry.images["httpd"].layout
+    with LocalRegistry(tmp_path / "private", htpasswd=htpasswd) as reg:
+        ref = f"{reg.address}/kiln/httpd:1"
+        push(layout, ref, plain_http=True, credentials=Credentials("fleet", "pull-secret"))
+        settings: dict[str, Any] = {"mirrors": {reg.address: [f"http://{reg.address}"]}}
+        rt = spec.WORKLOAD_RUNTIME
+        with pytest.raises(ctr.PullFailed, match="401 Unauthorized"):
+            ctr.pull(rt, ref, settings, tmp_path / "hosts")
+        settings["credentials"] = {reg.address: {"username": "fleet", "password": "n0t-th1s"}}
+        with pytest.raises(ctr.PullFailed, match="401 Unauthorized") as e:
+            ctr.pull(rt, ref, settings, tmp_path / "hosts")
+        assert "n0t-th1s" not in str(e.value)
+        settings["credentials"] = {"*": {"username": "fleet", "password": "pull-secret"}}  # any registry
+        ctr.pull(rt, ref, settings, tmp_path / "hosts")
+        assert ctr.image_present(rt, ref)
 
 
 def _get(port: int, timeout: float = 2) -> str:
