@@ -491,3 +491,16 @@ def test_resolv_conf_from_dhcp_leases(tmp_path: Path) -> None:
     assert dest.read_text().splitlines()[1:] == ["nameserver 10.0.2.3", "nameserver 10.0.2.4"]
     manager.write_resolv_conf(tmp_path / "none", dest)  # no lease: the file still exists
     assert dest.read_text().startswith("# Written by Kiln") and "nameserver" not in dest.read_text()
+
+
+def test_frames_arrive_whole_whatever_the_reads_and_bad_ones_are_refused() -> None:
+    data = stream.frame(stream.STDOUT, b"a" * 70000) + stream.resize(50, 120) + stream.exit_status(-3)
+    frames = stream.Frames()
+    got = [f for i in range(0, len(data), 999) for f in frames.feed(data[i:i + 999])]
+    assert got == [(stream.STDOUT, b"a" * 70000), (stream.RESIZE, b"\x00\x32\x00\x78"),
+                   (stream.EXIT, b"\xff\xff\xff\xfd")]
+    assert stream.unpack_pair(got[1][1]) == (50, 120) and stream.unpack_int(got[2][1]) == -3
+    with pytest.raises(stream.ProtocolError):
+        list(stream.Frames().feed(b"1" + (stream.MAX_FRAME + 1).to_bytes(4, "big")))
+    with pytest.raises(stream.ProtocolError):
+        stream.unpack_pair(b"\x00")

@@ -46,12 +46,18 @@ def exit_status(code: int) -> bytes:
 
 
 def unpack_pair(payload: bytes) -> tuple[int, int]:
-    a, b = struct.unpack("!HH", payload)
+    try:
+        a, b = struct.unpack("!HH", payload)
+    except struct.error:
+        raise ProtocolError(f"expected two 16-bit numbers, got {len(payload)} bytes") from None
     return a, b
 
 
 def unpack_int(payload: bytes) -> int:
-    (n,) = struct.unpack("!i", payload)
+    try:
+        (n,) = struct.unpack("!i", payload)
+    except struct.error:
+        raise ProtocolError(f"expected a 32-bit number, got {len(payload)} bytes") from None
     return int(n)
 
 
