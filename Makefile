@@ -54,6 +54,7 @@ bench: setup
 	$(SUDO) $(PY) bench/api_latency.py
 	$(SUDO) $(PY) bench/guest_api.py
 	$(SUDO) $(PY) bench/update.py
+	$(SUDO) $(PY) bench/containers.py
 
 clean:
 	rm -rf build
