@@ -111,7 +111,7 @@ def test_registry_settings_become_hosts_files(tmp_path: Path) -> None:
 @pytest.fixture
 def ctrd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Containerd]:
     with Containerd(tmp_path / "containerd", namespace="kiln") as c:
-        rt = Runtime(str(c.socket), "kiln", "test-containerd.service")
+        rt = Runtime(str(c.socket), "kiln", "test-containerd.service", str(c.dir / "state"))
         monkeypatch.setattr(spec, "HOST_RUNTIME", rt)
         monkeypatch.setattr(spec, "WORKLOAD_RUNTIME", rt)
         monkeypatch.setattr(manager, "start_runtime", lambda s: None)  # it is running already

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -97,6 +101,9 @@ class Runner:
         self.stopping = False
         self.stop_asked = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
+        # stop() wakes the wait in once() through this pipe: a signal handler alone would
+        # not end a blocking wait, and polling would cost CPU for as long as the container runs.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def stop(self, _sig: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Ask for a stop (SIGTERM handler, or another thread): the container gets SIGTERM
@@ -105,33 +112,47 @@ class Runner:
             self.stopping, self.stop_asked = True, time.monotonic()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # ctr forwards it to the container's init
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
 
-    def once(self, argv: Sequence[str]) -> int:
-        """One run of the container; returns its exit status."""
+    def once(self, argv: Sequence[str], started: Callable[[], object] = lambda: None) -> int:
+        """One run of the container; `started()` once its task exists; returns its exit status."""
         ctr.remove_stale(self.spec.runtime, self.spec.id)
+        init_pid = self.spec.runtime.init_pid(self.spec.id)
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL)
         if self.stopping:  # the stop came between the check and the start
             self.stop()
-        killed = False
-        while True:
-            # Short waits: a stop arrives while we wait (a signal handler does not end a
-            # blocking waitpid), and an init that ignores SIGTERM (PID 1 without a handler)
-            # must still go after the grace period.
-            try:
-                return self.proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.stopping and not killed and time.monotonic() - self.stop_asked > STOP_GRACE:
-                ctr.kill(self.spec.runtime, self.spec.id)
-                killed = True
+        exited = os.pidfd_open(self.proc.pid)
+        waiting_start, killed = True, False
+        try:
+            while True:
+                if waiting_start and init_pid.exists():
+                    waiting_start = False
+                    started()
+                timeout = 0.1 if waiting_start else None  # until the task exists, then block
+                if self.stopping and not killed:
+                    grace = self.stop_asked + STOP_GRACE - time.monotonic()
+                    if grace <= 0:  # an init that ignores SIGTERM (PID 1 without a handler)
+                        ctr.kill(self.spec.runtime, self.spec.id)
+                        killed = True
+                    else:
+                        timeout = grace if timeout is None else min(timeout, grace)
+                ready, _, _ = select.select([exited, self._wake_r], [], [], timeout)
+                if self._wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                if exited in ready:
+                    return self.proc.wait()
+        finally:
+            os.close(exited)
 
     def keep_running(self, persistent: Path | None) -> int:
         spec, restarts, backoff = self.spec, 0, 1.0
         argv = ctr.run_argv(spec, persistent)
         while not self.stopping:
-            status.write(spec, "running", self.state_dir, restarts=restarts)
+            status.write(spec, "starting", self.state_dir, restarts=restarts)
             started = time.monotonic()
-            code = self.once(argv)
+            code = self.once(argv, partial(status.write, spec, "running", self.state_dir, restarts=restarts))
             if self.stopping:
                 break
             again = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
@@ -222,8 +243,9 @@ def run_bootstrap(state_dir: Path = status.STATE_DIR,
             start_runtime(spec)
             pull(spec, live_settings(), state_dir, retry_for=PULL_RETRY_FOR)
             persistent = prepare(spec)
-            status.write(spec, "running", state_dir)
-            code = Runner(spec, state_dir).once(ctr.run_argv(spec, persistent))
+            status.write(spec, "starting", state_dir)
+            code = Runner(spec, state_dir).once(ctr.run_argv(spec, persistent),
+                                                partial(status.write, spec, "running", state_dir))
             error = None if code == 0 else f"exited with status {code}"
         except KilnError as e:
             error = str(e)

@@ -22,15 +22,22 @@ SETTINGS_KEY: dict[Kind, str] = {"host": "host-containers", "bootstrap": "bootst
 
 @dataclass(frozen=True)
 class Runtime:
-    """One containerd instance: its socket and the namespace Kiln's containers live in."""
+    """One containerd instance: its socket, its state directory and the namespace Kiln's
+    containers live in."""
 
     address: str
     namespace: str
     unit: str
+    state: str
+
+    def init_pid(self, cid: str) -> Path:
+        """Written by the runc shim once a container's task exists (its init's pid)."""
+        return Path(self.state) / "io.containerd.runtime.v2.task" / self.namespace / cid / "init.pid"
 
 
-HOST_RUNTIME = Runtime("/run/host-containerd/containerd.sock", "kiln", "kiln-host-containerd.service")
-WORKLOAD_RUNTIME = Runtime("/run/containerd/containerd.sock", "kiln", "containerd.service")
+HOST_RUNTIME = Runtime("/run/host-containerd/containerd.sock", "kiln", "kiln-host-containerd.service",
+                       "/run/host-containerd")
+WORKLOAD_RUNTIME = Runtime("/run/containerd/containerd.sock", "kiln", "containerd.service", "/run/containerd")
 
 # Per-container persistent storage on DATA (survives reboots and updates).
 PERSISTENT_ROOT = Path("/local/host-containers")

@@ -25,7 +25,7 @@ class State:
     kind: str
     name: str
     image: str
-    state: str  # pulling, running, restarting, exited, failed, stopped
+    state: str  # pulling, starting, running, restarting, exited, failed, stopped
     detail: str = ""
     digest: str = ""
     restarts: int = 0
