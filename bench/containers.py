@@ -19,7 +19,7 @@ Side by side in one run:
    console until the page is served. Kiln's time is split on one clock (the guest's
    monotonic clock, offset to the workstation's by a serial round trip): systemd starting
    the unit (`InactiveExitTimestampMonotonic`), the manager's exec, its status file going
-   to `pulling`, its registry hosts directory appearing (the pull starts), status `running`
+   to `pulling`, its registry hosts directory appearing (the pull starts), status `starting`
    (pull and preparation done), the `ctr run` child's start, containerd's shim start (its
    journal), the container process's start (/proc/PID/stat) and the first HTTP 200. The
    status files and hosts directories are watched from inside the guest with inotify (a
@@ -466,7 +466,8 @@ def timeline(t0: float, off: float, facts: dict[str, Any], unit: str, events: li
         "manager_exec": rel(u.get("ExecMainStartTimestampMonotonic")),
         "status_pulling": rel(first(f"{cid}.json", "pulling")),
         "pull_start": rel(first(f"hosts-{cid}")),
-        "status_running": rel(first(f"{cid}.json", "running")),
+        "status_starting": rel(first(f"{cid}.json", "starting")),  # pulled: clean-up, then ctr run
+        "status_running": rel(first(f"{cid}.json", "running")),  # the shim wrote the task's init.pid
         "ctr_run_start": rel(min(ctr_run) if ctr_run else None),
         "shim_start": rel(shim),
         "task_start": rel(facts.get("task", {}).get("start")),
@@ -477,8 +478,8 @@ KILN_SEGMENTS = (
     ("CLI start + API apply + sync, until systemd starts the unit", None, "unit_start"),
     ("manager: interpreter start, imports, settings read", "unit_start", "status_pulling"),
     ("manager: containerd check (systemctl start), resolv.conf", "status_pulling", "pull_start"),
-    ("ctr images pull (+ preparation)", "pull_start", "status_running"),
-    ("3 ctr calls removing leftovers (tasks kill/delete, containers delete)", "status_running", "ctr_run_start"),
+    ("ctr images pull (+ preparation)", "pull_start", "status_starting"),
+    ("3 ctr calls removing leftovers (tasks kill/delete, containers delete)", "status_starting", "ctr_run_start"),
     ("ctr run → shim up", "ctr_run_start", "shim_start"),
     ("shim up → container process started", "shim_start", "task_start"),
     ("process start → first HTTP 200 seen", "task_start", "serving"),
@@ -557,8 +558,8 @@ ADMIN_SEGMENTS = (
     ("CLI start + API apply + sync, until systemd starts the unit", None, "unit_start"),
     ("manager: interpreter start, imports, settings read", "unit_start", "status_pulling"),
     ("manager: host containerd started (systemctl start), resolv.conf", "status_pulling", "pull_start"),
-    ("ctr images pull (cold) + preparation", "pull_start", "status_running"),
-    ("3 ctr calls removing leftovers", "status_running", "ctr_run_start"),
+    ("ctr images pull (cold) + preparation", "pull_start", "status_starting"),
+    ("3 ctr calls removing leftovers", "status_starting", "ctr_run_start"),
     ("ctr run → shim up", "ctr_run_start", "shim_start"),
     ("shim up → container init started", "shim_start", "task_start"),
 )
@@ -584,7 +585,7 @@ def admin_enable(g: Guest) -> dict[str, Any]:
     w.join(120)
     unit, cid = "kiln-container@host:admin.service", "host-admin"
     facts: dict[str, Any] = {}
-    for _ in range(30):  # `running` is written just before `ctr run`: wait for the task itself
+    for _ in range(30):  # the task's start time comes from ctr: wait until it lists it
         facts = g.facts([unit, "kiln-host-containerd.service"], HOST_SOCK, "kiln", cid)
         if "task" in facts:
             break
