@@ -504,3 +504,10 @@ def test_frames_arrive_whole_whatever_the_reads_and_bad_ones_are_refused() -> No
         list(stream.Frames().feed(b"1" + (stream.MAX_FRAME + 1).to_bytes(4, "big")))
     with pytest.raises(stream.ProtocolError):
         stream.unpack_pair(b"\x00")
+
+
+def test_enabled_without_an_image_says_which_key(tmp_path: Path) -> None:
+    admin = from_settings({"host-containers": {"admin": {"enabled": True}}}, "host")[0]
+    with pytest.raises(KilnError, match=r"settings\.host-containers\.admin\.source is not set"):
+        manager.pull(admin, {}, tmp_path)
+

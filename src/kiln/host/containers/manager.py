@@ -56,6 +56,10 @@ def _transient(e: ctr.PullFailed) -> bool:
 
 
 def pull(spec: Spec, settings: dict[str, Any], state_dir: Path, retry_for: float = 0.0) -> None:
+    if not spec.image:
+        key = "image" if spec.kind == "workload" else "source"
+        raise KilnError(f"{spec.where}.{key} is not set: name the image to run "
+                        "(Kiln's admin image: kiln oci build variants/containers/admin.toml, then kiln oci push)")
     deadline = time.monotonic() + retry_for
     while True:
         try:
