@@ -385,3 +385,18 @@ def direct_vm(argv: list[str]) -> Iterator[DirectVm]:
         yield vm
     finally:
         vm.kill()
+
+
+def git_source() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "--", "src", "variants").splitlines()}
+
+
+def other_work() -> list[str]:
+    """QEMU or pytest processes running besides this benchmark (they share the 2 CPUs)."""
+    out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64|pytest"], capture_output=True, text=True, check=False)
+    return [line[:160] for line in out.stdout.splitlines() if str(os.getpid()) not in line.split()[:1]]

@@ -292,21 +292,6 @@ SERVICES = ("containerd.service", "kiln-host-containerd.service", "kiln-apiserve
 
 
 # ------------------------------------------------------------------ helpers
-def other_work() -> list[str]:
-    """QEMU or pytest processes running besides this benchmark (they share the 2 CPUs)."""
-    out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64|pytest"], capture_output=True, text=True, check=False)
-    return [line[:160] for line in out.stdout.splitlines() if str(os.getpid()) not in line.split()[:1]]
-
-
-def git_source() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(B.REPO), *args], capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "src", "variants").splitlines()}
-
-
 def serving(port: int) -> bool:
     """GET / on the forwarded port returns the httpd image's page (no proxy, a new connection)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
@@ -1039,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is None and os.geteuid() != 0:
         ap.error("run as root (kiln build), or give --image")
     info = B.machine()
-    busy = other_work()
+    busy = B.other_work()
     if busy:
         B.log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
     t0 = time.monotonic()
@@ -1063,8 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "containers",
         "machine": info,
         "other_work_at_start": busy,
-        "other_work_at_end": other_work(),
-        "source": git_source(),
+        "other_work_at_end": B.other_work(),
+        "source": B.git_source(),
         "wall_seconds": round(time.monotonic() - t0, 1),
         "build": build_info,
         "guest": {"accel": "tcg", "cpus": 2, "memory_mib": 1024},

@@ -173,21 +173,6 @@ def timed_shell(script: str) -> tuple[float, float]:
     return time.perf_counter() - t0, cpu_children() - cpu0
 
 
-def git_source() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(B.REPO), *args], capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "src", "variants").splitlines()}
-
-
-def other_work() -> list[str]:
-    """QEMU or pytest processes running besides this benchmark (they share the 2 CPUs)."""
-    out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64|pytest"], capture_output=True, text=True, check=False)
-    return [line[:160] for line in out.stdout.splitlines() if str(os.getpid()) not in line.split()[:1]]
-
-
 # ------------------------------------------------------------------ 1. host apply: the agent (child process)
 class Phases:
     """Wall and CPU time spent inside wrapped functions, summed per label."""
@@ -660,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("run as root (kiln build)")
     info = B.machine()
-    busy = other_work()
+    busy = B.other_work()
     if busy:
         B.log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
     t0 = time.monotonic()
@@ -676,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "update",
         "machine": info,
         "other_work_at_start": busy,
-        "source": git_source(),
+        "source": B.git_source(),
         "wall_seconds": round(time.monotonic() - t0, 1),
         "builds": build_info,
         "host_apply": host,
