@@ -443,6 +443,12 @@ def test_user_data_and_persistent_directory(tmp_path: Path) -> None:
     assert not (d / "user-data").exists()  # user data removed from the settings: gone here too
     with pytest.raises(KilnError, match=r"host-containers\.admin\.user-data is not valid base64"):
         manager.prepare(Spec("host", "admin", "r/a", user_data="a"), tmp_path)
+    # workload mount sources: a missing one becomes a directory, an existing file stays a file
+    (tmp_path / "conf.json").write_text("{}")
+    web = Spec("workload", "web", "r/h", mounts=(Mount(str(tmp_path / "data/www"), "/www"),
+                                                  Mount(str(tmp_path / "conf.json"), "/etc/conf.json")))
+    assert manager.prepare(web, tmp_path) is None
+    assert (tmp_path / "data/www").is_dir() and (tmp_path / "conf.json").read_text() == "{}"
 
 
 def test_sync_waits_for_the_boot_then_matches_units_to_settings(

@@ -75,7 +75,8 @@ def pull(spec: Spec, settings: dict[str, Any], state_dir: Path, retry_for: float
 def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
     """The container's persistent directory and its user data; workload mount sources."""
     for m in spec.mounts:
-        Path(m.source).mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(m.source):  # a missing source becomes a directory (a file may be bound too)
+            Path(m.source).mkdir(parents=True)
     if spec.kind == "workload":
         return None
     d = persistent_root / spec.name
