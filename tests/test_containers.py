@@ -517,3 +517,11 @@ def test_enabled_without_an_image_says_which_key(tmp_path: Path) -> None:
     with pytest.raises(KilnError, match=r"settings\.host-containers\.admin\.source is not set"):
         manager.pull(admin, {}, tmp_path)
 
+
+
+def test_a_stop_cuts_the_wait_before_a_restart(tmp_path: Path) -> None:
+    runner = manager.Runner(Spec("workload", "w", "r/h"), tmp_path)
+    threading.Timer(0.2, runner.stop).start()
+    t0 = time.monotonic()
+    runner.sleep(30)  # the backoff wait (up to 30 s) must not hold up a `systemctl stop`
+    assert time.monotonic() - t0 < 5 and runner.stopping

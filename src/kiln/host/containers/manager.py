@@ -99,10 +99,10 @@ class Runner:
     """Runs one container in the foreground and restarts it per policy until told to stop."""
 
     def __init__(self, spec: Spec, state_dir: Path = status.STATE_DIR,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.spec = spec
         self.state_dir = state_dir
-        self.sleep = sleep
+        self.sleep = sleep or self._nap
         self.stopping = False
         self.stop_asked = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -119,6 +119,10 @@ class Runner:
             self.proc.send_signal(signal.SIGTERM)  # ctr forwards it to the container's init
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
+
+    def _nap(self, seconds: float) -> None:
+        """The wait before a restart; a stop ends it at once."""
+        select.select([self._wake_r], [], [], seconds)
 
     def once(self, argv: Sequence[str], started: Callable[[], object] = lambda: None) -> int:
         """One run of the container; `started()` once its task exists; returns its exit status."""
