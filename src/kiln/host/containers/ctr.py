@@ -123,8 +123,11 @@ def remove_stale(rt: Runtime, cid: str) -> None:
     run([*base(rt), "containers", "delete", cid], check=False, timeout=CALL_TIMEOUT)
 
 
-def kill(rt: Runtime, cid: str, signal: str = "SIGKILL") -> None:
-    run([*base(rt), "tasks", "kill", "--all", "--signal", signal, cid], check=False, timeout=CALL_TIMEOUT)
+def kill(rt: Runtime, cid: str, signal: str = "SIGKILL", exec_id: str | None = None,
+         timeout: float = CALL_TIMEOUT) -> None:
+    """Signal every process of container `cid`, or only the exec'd process `exec_id`."""
+    which = ["--exec-id", exec_id] if exec_id else ["--all"]
+    run([*base(rt), "tasks", "kill", *which, "--signal", signal, cid], check=False, timeout=timeout)
 
 
 def tasks(rt: Runtime) -> dict[str, tuple[int, str]]:

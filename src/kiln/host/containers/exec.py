@@ -24,7 +24,6 @@ import subprocess
 import termios
 from collections.abc import Sequence
 
-from kiln.core.run import run
 from kiln.host.api import stream
 from kiln.host.containers import ctr
 from kiln.host.containers.spec import Spec
@@ -155,8 +154,7 @@ class Session:
         elif kind == stream.SIGNAL:
             sig = stream.unpack_int(payload)
             if sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL):
-                run([*ctr.base(self.spec.runtime), "tasks", "kill", "--exec-id", self.exec_id,
-                     "--signal", str(sig), self.spec.id], check=False, timeout=30)
+                ctr.kill(self.spec.runtime, self.spec.id, str(sig), self.exec_id, timeout=30)
         return False
 
     def _close_input(self, proc: subprocess.Popen[bytes], in_fd: int) -> int:
@@ -170,5 +168,4 @@ class Session:
         return -1
 
     def _kill(self) -> None:
-        run([*ctr.base(self.spec.runtime), "tasks", "kill", "--exec-id", self.exec_id,
-             "--signal", "SIGKILL", self.spec.id], check=False, timeout=30)
+        ctr.kill(self.spec.runtime, self.spec.id, "SIGKILL", self.exec_id, timeout=30)

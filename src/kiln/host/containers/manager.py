@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.core.errors import KilnError
+from kiln.core.fs import atomic_write
 from kiln.core.run import run
 from kiln.host.boot.console import say
 from kiln.host.containers import ctr, status
@@ -87,8 +88,6 @@ def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
         raise KilnError(f"{spec.where}.user-data is not valid base64: {e}") from None
     user_data = d / "user-data"
     if data:
-        from kiln.core.fs import atomic_write
-
         atomic_write(user_data, data, mode=0o600)
     else:
         user_data.unlink(missing_ok=True)
@@ -227,8 +226,6 @@ def write_resolv_conf(leases: Path = LEASES, dest: Path = RESOLV_CONF) -> None:
             return
     except OSError:
         pass
-    from kiln.core.fs import atomic_write
-
     atomic_write(dest, text.encode(), mode=0o644)
 
 
@@ -314,11 +311,11 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
         if kind == "bootstrap":
             continue  # they run at boot only
         desired = {s.unit: s for s in from_settings(tree, kind) if s.enabled}
-        for unit, active in _loaded_units(kind).items():
+        loaded = _loaded_units(kind)
+        for unit, active in loaded.items():
             if unit not in desired and active in ("active", "activating", "reloading"):
                 actions.append(f"stop {unit}")
                 _systemctl("--no-block", "stop", unit)
-        loaded = _loaded_units(kind)
         for unit, spec in desired.items():
             st = status.read(spec, state_dir)
             current = loaded.get(unit, "inactive") in ("active", "activating", "reloading")
