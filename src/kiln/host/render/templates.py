@@ -79,7 +79,9 @@ class Templates:
 
             loader: jinja2.BaseLoader
             if self.compiled is not None:
-                loader = jinja2.ModuleLoader(str(self.compiled))
+                from kiln.host.render.compiled import CompiledLoader
+
+                loader = CompiledLoader(self.compiled)
             else:
                 loader = jinja2.FunctionLoader(lambda n: split(n, self._source(n))[1])
             self._env = jinja2.Environment(
