@@ -92,6 +92,11 @@ def test_the_real_defaults_validate() -> None:
         ({"ntp": {"time-servers": ["a", "b", ""]}}, "settings.ntp.time-servers[2]",
          "expected a host name or an IP address"),
         ({"ntp": {"time-servers": ["a"] * 33}}, "settings.ntp.time-servers", "expected array of length <= 32"),
+        # lists of tables: the index stays on its own segment
+        ({"containers": {"web": {"mounts": [{"source": "/local/a", "destination": "/a"}, {"source": "/etc"}]}}},
+         "settings.containers.web.mounts[1].source", "expected a path under /local (no '.' or '..' parts)"),
+        ({"containers": {"web": {"mounts": [{"source": "/local/a", "destination": "/a", "bogus": 1}]}}},
+         "settings.containers.web.mounts[0].bogus", "unknown setting"),
     ],
 )
 def test_errors_name_the_key(tree: dict[str, Any], path: str, detail: str) -> None:

@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
-from kiln.host.settings.keys import format_key, get_path, set_path
+from kiln.host.settings.keys import format_key, format_segment, get_path, set_path
 
 __all__ = ["SECRET_KEYS", "InvalidSettings", "Settings", "to_tree", "validate"]
 
@@ -211,20 +211,25 @@ def _fails_alone(tree: dict[str, Any], at: tuple[str, ...], key: str, msg: str) 
     return False
 
 
-def _locate(tree: dict[str, Any], msg: str, raw: str, key_error: bool) -> tuple[tuple[str, ...], str]:
-    """msgspec hides map keys (`$.kernel.sysctl[...]`); find them by trying each entry."""
+def _locate(tree: dict[str, Any], msg: str, raw: str, key_error: bool) -> tuple[tuple[str, ...], list[str]]:
+    """msgspec hides map keys (`$.kernel.sysctl[...]`); find them by trying each entry.
+
+    Returns the path and, per segment, the list indices that follow it (`mounts[0]`).
+    """
     path: tuple[str, ...] = ()
-    index = ""
+    indices: list[str] = []
     for field, idx, anykey in _SEG.findall(raw):
         if field:
-            path = (*path, field)
+            path, indices = (*path, field), [*indices, ""]
         elif idx:
-            index += f"[{idx}]"
+            indices[-1] += f"[{idx}]"
         elif anykey:
-            path = (*path, next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*"))
+            key = next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*")
+            path, indices = (*path, key), [*indices, ""]
     if key_error:
-        path = (*path, next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*"))
-    return path, index
+        key = next((k for k in get_path(tree, path) if _fails_alone(tree, path, k, msg)), "*")
+        path, indices = (*path, key), [*indices, ""]
+    return path, indices
 
 
 def _null_at(tree: dict[str, Any], prefix: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -249,14 +254,15 @@ def validate(tree: Any) -> Settings:
         m = _AT.match(str(e))
         assert m is not None
         msg = m.group("msg")
-        path, index = _locate(tree, msg, m.group("path") or "", bool(m.group("key")))
+        path, indices = _locate(tree, msg, m.group("path") or "", bool(m.group("key")))
         unknown = re.match(r"Object contains unknown field `(.+?)`$", msg)
         if unknown:
-            path = (*path, unknown.group(1))
+            path, indices = (*path, unknown.group(1)), [*indices, ""]
         detail = _describe(msg)
         if m.group("key"):
             detail = f"invalid name: {detail}"
-        raise InvalidSettings(detail, format_key(("settings", *path)) + index) from None
+        key = ".".join(["settings", *(format_segment(p) + i for p, i in zip(path, indices, strict=True))])
+        raise InvalidSettings(detail, key) from None
 
 
 def to_tree(settings: Settings) -> dict[str, Any]:
