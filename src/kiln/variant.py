@@ -24,7 +24,7 @@ MiB = 1024 * 1024
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(?:[-+][0-9A-Za-z.-]+)?$")
-_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|target|timer|mount|automount|path|slice|device|swap)$")
 
 
@@ -71,7 +71,7 @@ def _check_version(value: str, where: str) -> None:
         raise KilnError(f"{where}: version '{value}' is not of the form MAJOR.MINOR.PATCH")
 
 
-class _Table:
+class TomlTable:
     """Reads one TOML table, remembering which keys were used so leftovers are errors."""
 
     def __init__(self, data: Mapping[str, Any], where: str) -> None:
@@ -105,13 +105,13 @@ class _Table:
                 raise KilnError(f"{self.where}.{key}[{i}]: invalid value '{item}'")
         return tuple(items)
 
-    def table(self, key: str, required: bool = True) -> _Table:
+    def table(self, key: str, required: bool = True) -> TomlTable:
         self.used.add(key)
         if key not in self.data and not required:
-            return _Table({}, f"{self.where}.{key}")
+            return TomlTable({}, f"{self.where}.{key}")
         if key not in self.data:
             raise KilnError(f"{self.where}: required table [{key}] is missing")
-        return _Table(self.data[key], f"{self.where}.{key}" if self.where else key)
+        return TomlTable(self.data[key], f"{self.where}.{key}" if self.where else key)
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -134,7 +134,7 @@ def _positive(value: int) -> str | None:
 
 def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
     """Validate a parsed TOML document; errors name `source` and the dotted key."""
-    top = _Table(data, "")
+    top = TomlTable(data, "")
     top.where = str(source)
     v = top.table("variant")
     v.where = f"{source}: variant"
@@ -146,11 +146,11 @@ def parse_variant(data: Mapping[str, Any], source: Path) -> Variant:
 
     p = top.table("packages")
     p.where = f"{source}: packages"
-    packages = p.strings("include", _PKG_RE)
+    packages = p.strings("include", PACKAGE_NAME_RE)
     if not packages:
         raise KilnError(f"{p.where}.include: must list at least one package")
     kernel = p.get("kernel", str)
-    initramfs_packages = p.strings("initramfs", _PKG_RE, ())
+    initramfs_packages = p.strings("initramfs", PACKAGE_NAME_RE, ())
     p.done()
 
     k = top.table("kernel")

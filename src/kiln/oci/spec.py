@@ -19,8 +19,9 @@
     env = { PATH = "/usr/sbin:/usr/bin:/sbin:/bin" }   # or ["PATH=..."]
     labels = { "org.opencontainers.image.title" = "kiln-admin" }
 
-The loader is as strict as the variant loader (it shares its table reader): an unknown key
-or a bad value is an error naming the file and the key.
+The loader is as strict as the variant loader (it shares its table reader,
+`kiln.variant.TomlTable`): an unknown key or a bad value is an error naming the file and
+the key.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 from kiln.core.errors import KilnError
 from kiln.oci.layout import NAME_RE, TAG_RE, ImageConfig
-from kiln.variant import _PKG_RE, _Table
+from kiln.variant import PACKAGE_NAME_RE, TomlTable
 
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_RE = re.compile(r"^[0-9]{1,5}(/(tcp|udp|sctp))?$")
@@ -101,7 +102,7 @@ def parse_env(value: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _string_table(t: _Table, key: str) -> dict[str, str]:
+def _string_table(t: TomlTable, key: str) -> dict[str, str]:
     value = t.get(key, dict, {})
     for k, v in value.items():
         if not isinstance(v, str):
@@ -109,7 +110,7 @@ def _string_table(t: _Table, key: str) -> dict[str, str]:
     return dict(value)
 
 
-def _config(t: _Table) -> ImageConfig:
+def _config(t: TomlTable) -> ImageConfig:
     env = parse_env(t.get("env", object, {}), f"{t.where}.env")
     workdir = t.get("workdir", str, "")
     if workdir and workdir != "/":
@@ -132,7 +133,7 @@ def _config(t: _Table) -> ImageConfig:
     return config
 
 
-def _files(t: _Table, base: Path) -> tuple[FileEntry, ...]:
+def _files(t: TomlTable, base: Path) -> tuple[FileEntry, ...]:
     entries = []
     for dest in list(t.data):
         where = f"{t.where}.\"{dest}\""
@@ -140,7 +141,7 @@ def _files(t: _Table, base: Path) -> tuple[FileEntry, ...]:
         value = t.get(dest, object)
         if isinstance(value, str):
             value = {"source": value}
-        ft = _Table(value, where)
+        ft = TomlTable(value, where)
         ft.where = where
         src = (base / ft.get("source", str)).resolve()
         mode_text = ft.get("mode", str, "")
@@ -156,9 +157,9 @@ def _files(t: _Table, base: Path) -> tuple[FileEntry, ...]:
 
 def parse_spec(data: Mapping[str, Any], source: Path) -> ImageSpec:
     """Validate a parsed spec; errors name `source` and the dotted key."""
-    top = _Table(data, str(source))
+    top = TomlTable(data, str(source))
 
-    def table(key: str, required: bool = False) -> _Table:
+    def table(key: str, required: bool = False) -> TomlTable:
         t = top.table(key, required)
         t.where = f"{source}: {key}"
         return t
@@ -170,7 +171,7 @@ def parse_spec(data: Mapping[str, Any], source: Path) -> ImageSpec:
     im.done()
 
     pk = table("packages")
-    packages = pk.strings("include", _PKG_RE, ())
+    packages = pk.strings("include", PACKAGE_NAME_RE, ())
     pk.done()
 
     bb = table("busybox")
