@@ -393,6 +393,15 @@ def test_cli_build_unknown_variant(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_build_bad_admin_image(tmp_path: Path) -> None:
+    """Checked before anything is downloaded or written."""
+    res = run(KILN, "build", "--admin-image", "not a reference", "--output", tmp_path / "out",
+              check=False, cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.startswith("kiln: error: --admin-image not a reference: settings.host-containers.admin.source")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- reproducibility --------------------------------------------------------------------------
 
 def test_reproducible(

@@ -398,6 +398,33 @@ def test_install_writes_defaults_templates_and_compiled_bodies(tmp_path: Path) -
     assert Templates(root / "usr/share/kiln/templates", root / "usr/share/kiln/templates.compiled").compiled
 
 
+def test_build_options_add_defaults(tmp_path: Path) -> None:
+    """`kiln build --update-url/--admin-image` defaults land in defaults.json over the variant's."""
+    extra = build_settings.option_defaults("http://10.0.2.2:8080/", "10.0.2.2:5000/kiln/admin:1")
+    variant = dataclasses.replace(load_variant(), settings_defaults=(REAL_DEFAULTS,), templates=(REAL_TEMPLATES,))
+    build_settings.install(tmp_path / "root", variant, extra)
+    settings = json.loads((tmp_path / "root/usr/share/kiln/defaults.json").read_text())["settings"]
+    assert settings["host-containers"]["admin"] == {
+        "source": "10.0.2.2:5000/kiln/admin:1", "enabled": False, "superpowered": True,
+    }
+    assert settings["updates"]["metadata-base-url"] == "http://10.0.2.2:8080/metadata/"
+    assert build_settings.option_defaults(None, None) is None
+
+
+@pytest.mark.parametrize(
+    ("update_url", "admin_image", "why"),
+    [
+        ("ftp://x/", None, "--update-url ftp://x/: expected an http:// or https:// URL"),
+        (None, "Admin Image", "--admin-image Admin Image: settings.host-containers.admin.source:"),
+        (None, "", "--admin-image : settings.host-containers.admin.source:"),
+    ],
+)
+def test_build_options_are_checked(update_url: str | None, admin_image: str | None, why: str) -> None:
+    with pytest.raises(KilnError) as e:
+        build_settings.option_defaults(update_url, admin_image)
+    assert str(e.value).startswith(why)
+
+
 @pytest.mark.parametrize(
     ("extra", "why"),
     [

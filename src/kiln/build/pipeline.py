@@ -46,6 +46,7 @@ class BuildOptions:
     sde: int = field(default_factory=source_date_epoch)
     update_root: Path | None = None  # TUF root to trust (a `kiln repo` directory or root.json)
     update_url: str | None = None  # the repository's base URL (metadata/ and targets/ below it)
+    admin_image: str | None = None  # default settings.host-containers.admin.source
 
 
 @dataclass
@@ -97,6 +98,7 @@ def _build_id(v: Variant, packages: list[apt.Package], opts: BuildOptions) -> st
         "kiln": __version__,
         "debug_console": opts.debug_console,
         "update_url": opts.update_url,
+        "admin_image": opts.admin_image,
         "update_root": _digest_files([_root_file(opts.update_root)]) if opts.update_root else None,
         "files": _digest_files(
             [*v.files.values(), *v.settings_defaults, *(f for d in v.templates for f in sorted(d.iterdir()))]
@@ -115,6 +117,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
     if os.geteuid() != 0:
         raise KilnError("kiln build must run as root", hint="it unpacks packages with their owners and runs chroot")
     start = time.monotonic()
+    extra_defaults = settings.option_defaults(opts.update_url, opts.admin_image)  # bad options fail first
     opts.cache.mkdir(parents=True, exist_ok=True)
     what = f"variant {v.name} ({v.source})"
     work = Path(
@@ -137,7 +140,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             rootfs.install_kiln(root, Path(__file__).resolve().parents[1] / "host" / "units")
             wheels.vendor(wheels.read_requirements(), root / rootfs.PY_SITE, opts.cache / "wheels")
             rootfs.install_files(root, v)
-            settings.install(root, v, settings.update_defaults(opts.update_url) if opts.update_url else None)
+            settings.install(root, v, extra_defaults)
             if opts.update_root:
                 settings.install_update_root(root, opts.update_root)
             rootfs.configure_systemd(root, v, opts.debug_console)

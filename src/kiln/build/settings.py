@@ -68,17 +68,33 @@ def check(doc: dict[str, Any], templates: dict[str, Path], where: str = "setting
 UPDATE_ROOT_PATH = Path("/usr/share/kiln/update/root.json")  # kiln.host.update.status.Paths.root
 
 
-def update_defaults(url: str) -> dict[str, Any]:
-    """Default repository URLs for a repository served as `kiln repo serve` lays it out."""
-    base = url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise KilnError(f"--update-url {url}: expected an http:// or https:// URL")
-    updates = {"metadata-base-url": f"{base}/metadata/", "targets-base-url": f"{base}/targets/"}
+def option_defaults(update_url: str | None, admin_image: str | None) -> dict[str, Any] | None:
+    """Defaults that `kiln build` options add on top of the variant's, checked by the host's model.
+
+    `update_url`: repository URLs as `kiln repo serve` lays them out. `admin_image`: the
+    admin host container's source, so enabling it is one setting (Bottlerocket's default
+    admin container points at its public registry; Kiln has none of its own).
+    """
+    settings: dict[str, Any] = {}
+    if update_url is not None:
+        base = update_url.rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise KilnError(f"--update-url {update_url}: expected an http:// or https:// URL")
+        updates = {"metadata-base-url": f"{base}/metadata/", "targets-base-url": f"{base}/targets/"}
+        _check_option("--update-url", update_url, {"updates": updates})
+        settings["updates"] = updates
+    if admin_image is not None:
+        admin = {"host-containers": {"admin": {"source": admin_image}}}
+        _check_option("--admin-image", admin_image, admin)
+        settings.update(admin)
+    return {"settings": settings} if settings else None
+
+
+def _check_option(option: str, value: str, tree: dict[str, Any]) -> None:
     try:
-        validate({"updates": updates})
+        validate(tree)
     except InvalidSettings as e:
-        raise KilnError(f"--update-url {url}: {e}") from None
-    return {"settings": {"updates": updates}}
+        raise KilnError(f"{option} {value}: {e}") from None
 
 
 def install_update_root(root: Path, source: Path) -> None:
@@ -98,7 +114,7 @@ def install_update_root(root: Path, source: Path) -> None:
 
 def install(root: Path, variant: Variant, extra: dict[str, Any] | None = None) -> definitions.Definitions:
     """Write defaults.json, the templates and their compiled bodies into `root`;
-    `extra` defaults (the update repository's URLs) are merged last."""
+    `extra` defaults (from `option_defaults`) are merged last."""
     templates: dict[str, Path] = {}
     for d in variant.templates:
         templates.update({p.name: p for p in sorted(d.iterdir()) if p.is_file()})

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--update-url", metavar="URL",
         help="the repository's base URL, as `kiln repo serve` prints it (default settings.updates.*-base-url)",
     )
+    p.add_argument(
+        "--admin-image", metavar="REF",
+        help="image reference of the admin host container (default settings.host-containers.admin.source;"
+        " build it with `kiln oci build variants/containers/admin.toml`)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every output path")
     p.set_defaults(func=run)
 
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         progress.quiet = False
     opts = BuildOptions(
-        variant, output, debug_console=args.debug_console, update_root=args.update_repo, update_url=args.update_url
+        variant, output, debug_console=args.debug_console, update_root=args.update_repo,
+        update_url=args.update_url, admin_image=args.admin_image,
     )
     result = build(opts, progress)
     if args.json:

@@ -60,7 +60,8 @@ def pull(spec: Spec, settings: dict[str, Any], state_dir: Path, retry_for: float
     if not spec.image:
         key = "image" if spec.kind == "workload" else "source"
         raise KilnError(f"{spec.where}.{key} is not set: name the image to run "
-                        "(Kiln's admin image: kiln oci build variants/containers/admin.toml, then kiln oci push)")
+                        "(Kiln's admin image: kiln oci build variants/containers/admin.toml, kiln oci push, "
+                        "then set it here or in the image with kiln build --admin-image)")
     deadline = time.monotonic() + retry_for
     while True:
         try:
