@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from kiln.core.errors import KilnError
+from kiln.host.api import routes as api_routes
 from kiln.host.api import stream
 from kiln.host.api.client import ApiRefused
 from kiln.host.containers import ctr, manager, spec, status
@@ -36,7 +37,7 @@ from kiln.oci.push import Credentials, push
 from kiln.oci.registry import LocalRegistry
 from kiln.vm.qemu import free_port
 from tests.registry import Containerd, OciRegistry, refusing_registry, write_htpasswd
-from tests.test_api import ApiHost, running_api
+from tests.test_api import ApiHost, check_schema, running_api
 
 # --- pure: settings → specs → ctr argv -------------------------------------------------------
 
@@ -390,6 +391,35 @@ def test_exec_refusals(api_host: ApiHost, ctrd: Containerd) -> None:
         assert (e.value.status, e.value.body["path"]) == (status_, path), body
     out = kiln_cli(api_host, "exec", "web", "--", "true")
     assert out.returncode == 1 and b"is not running" in out.stderr
+
+
+def test_logs_route_checks_its_query_and_reads_the_journal(api_host: ApiHost) -> None:
+    """The journal itself is read for real in the VM test; here: the refusals, and an answer
+    from this machine's journalctl (no such unit: no entries) that matches the document."""
+    c = api_host.client()
+    c.request("PATCH", "/settings", {"containers": {"web": {"image": "r/httpd:1"}},
+                                     "bootstrap-containers": {"prep": {"source": "r/b:1"}}})
+    c.request("POST", "/tx/commit")
+    doc = json.loads(Path(api_routes.__file__).with_name("openapi.json").read_text())
+    got = c.request("GET", "/containers/logs?name=web&lines=5")
+    check_schema(doc, "GET", "/containers/logs", 200, got)
+    assert (got["kind"], got["unit"], got["entries"]) == ("workload", "kiln-container@workload:web.service", [])
+    assert c.request("GET", "/containers/logs?name=prep")["unit"] == "kiln-bootstrap-containers.service"
+    assert c.request("GET", "/containers/logs?name=admin")["unit"] == "kiln-container@host:admin.service"
+    for query, code, field in [
+        ("", 400, "name"), ("name=Web!", 400, "name"), ("name=nope", 404, "name"),
+        ("name=web&kind=host", 404, "name"), ("name=web&kind=pod", 400, "kind"),
+        ("name=web&lines=0", 400, "lines"), ("name=web&lines=10001", 400, "lines"), ("name=web&lines=-1", 400, "lines"),
+        ("name=web&cursor=x;rm", 400, "cursor"),
+        ("name=web&cursor=s%3D1%3Bi%3D2", 400, "cursor"),  # well-formed, but journalctl cannot seek to it
+    ]:
+        with pytest.raises(ApiRefused) as e:
+            c.request("GET", f"/containers/logs?{query}")
+        assert (e.value.status, e.value.body["path"]) == (code, field), query
+        check_schema(doc, "GET", "/containers/logs", code, e.value.body)
+    out = kiln_cli(api_host, "logs", "nope")
+    assert out.returncode == 1 and b"no container 'nope'" in out.stderr
+    assert kiln_cli(api_host, "logs", "web", "-n", "3").returncode == 0
 
 
 def test_containers_overview_and_removal(api_host: ApiHost, tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ def test_containers_from_user_data_exec_over_mtls_and_bootstrap_across_reboots(
     # The bootstrap container prepares what the workload serves, through the host's root.
     prepare = ("mkdir -p /.kiln/rootfs/local/www\n"
                "echo 'hello from a bootstrap container' > /.kiln/rootfs/local/www/index.html\n"
-               "echo ran >> /.kiln/rootfs/local/bootstrap-runs\n")
+               "echo ran >> /.kiln/rootfs/local/bootstrap-runs\n"
+               "echo 'prepared /local/www'\n")
     user_data = tmp_path / "user-data.toml"
     user_data.write_text(pki.user_data(fleet) + f"""
 [settings.container-registry.mirrors]
@@ -149,6 +150,12 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     vm.check(f"kill -9 {pid.group(1)}")
     host.until("a restart", lambda: host.containers()["workload:web"]["restarts"] >= 1)
     assert host.until("serving again", host.web) == "hello from a bootstrap container\n"
+    # kiln logs: the unit's journal, the manager's restart note included, over mTLS.
+    logs = host.ok("logs", "web", "-n", "50")
+    assert re.search(r"^workload-web: exited with status 137; restart 1 in 1 s$", logs, re.M), logs
+    assert "prepared /local/www" in host.ok("logs", "prepare")  # what the bootstrap container printed
+    entries = [json.loads(line) for line in host.ok("logs", "web", "-n", "1", "--json").splitlines()]
+    assert len(entries) == 1 and entries[0]["time"] > 1.7e9
 
     # --- bad input: clear errors through the API, nothing else disturbed.
     bad = host.kiln("settings", "set", "containers.bad.image=Not An Image")

@@ -1,6 +1,7 @@
 """The container routes, registered on the shared table.
 
     GET  /containers   declared host, bootstrap and workload containers and their state
+    GET  /containers/logs?name=NAME[&kind=][&lines=N][&cursor=C]   their journal (kiln logs)
     POST /exec         Upgrade: kiln-exec — a process in a running container (kiln exec)
 
 `/exec` takes {"target", "command", "tty", "rows", "cols"} and, once checked, answers 101
@@ -26,6 +27,34 @@ def list_containers(api: Api, req: Request) -> Response:
     from kiln.host.containers.control import overview
 
     return Response(200, overview(api.store.live_shared(), api.containers_state))
+
+
+LOG_LINES = 10_000
+
+
+@route("GET", "/containers/logs")
+def container_logs(api: Api, req: Request) -> Response:
+    from kiln.host.containers.control import CURSOR, BadCursor, LogsUnavailable, NoSuchContainer, log_target, logs
+
+    name, kind, cursor = req.arg("name"), req.arg("kind"), req.arg("cursor")
+    if name is None or not _NAME.match(name):
+        raise ApiError(400, "expected a container name", "name")
+    if kind not in (None, "host", "bootstrap", "workload"):
+        raise ApiError(400, "expected 'host', 'bootstrap' or 'workload'", "kind")
+    raw_lines = req.arg("lines", "100") or ""
+    if not raw_lines.isdigit() or not 1 <= int(raw_lines) <= LOG_LINES:
+        raise ApiError(400, f"expected 1..{LOG_LINES}", "lines")
+    if cursor is not None and not CURSOR.match(cursor):
+        raise ApiError(400, "expected a cursor from an earlier answer", "cursor")
+    try:
+        spec = log_target(api.store.live_shared(), name, cast("Kind | None", kind))
+        return Response(200, logs(spec, int(raw_lines), cursor))
+    except NoSuchContainer as e:
+        raise ApiError(404, str(e), "name") from None
+    except BadCursor as e:
+        raise ApiError(400, str(e), "cursor") from None
+    except LogsUnavailable as e:
+        raise ApiError(500, str(e)) from None
 
 
 def _exec_request(body: Any) -> tuple[str, list[str], bool, int, int, Kind | None]:

@@ -1,4 +1,5 @@
-"""`kiln containers` (what runs) and `kiln exec NAME -- CMD...` (Bottlerocket's `apiclient exec`).
+"""`kiln containers` (what runs), `kiln logs NAME` (what it printed) and `kiln exec NAME --
+CMD...` (Bottlerocket's `apiclient exec`).
 
 `kiln exec` works the same on a host (the local socket) and from a workstation (`--endpoint
 --pki`, mutual TLS). With a terminal on both ends it is interactive: raw mode, the window
@@ -16,7 +17,9 @@ import signal
 import socket
 import sys
 import termios
+import time
 import tty
+import urllib.parse
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -37,6 +40,36 @@ def cmd_containers(args: argparse.Namespace) -> int:
         if e.get("detail") and e["state"] in ("failed", "restarting", "pulling"):
             print(f"{'':<10} {e['detail']}")
     return 0
+
+
+FOLLOW_INTERVAL = 1.0  # seconds between polls of `kiln logs -f`
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    query = {"name": args.name, "lines": str(args.lines)} | ({"kind": args.kind} if args.kind else {})
+    cursor = None
+    try:
+        while True:
+            params = query | ({"cursor": cursor} if cursor else {})
+            answer = client.request("GET", "/containers/logs?" + urllib.parse.urlencode(params))
+            for entry in answer["entries"]:
+                print(_log_line(entry, args.json, args.timestamps))
+            if not args.follow:
+                return 0
+            sys.stdout.flush()
+            cursor = answer["cursor"] or cursor
+            time.sleep(FOLLOW_INTERVAL)
+    except KeyboardInterrupt:  # how -f ends
+        return 0
+
+
+def _log_line(entry: dict[str, Any], as_json: bool, timestamps: bool) -> str:
+    if as_json:
+        return json.dumps(entry, sort_keys=True)
+    if timestamps:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(entry["time"])) + f" {entry['message']}"
+    return str(entry["message"])
 
 
 @contextlib.contextmanager
@@ -143,6 +176,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("containers", help="host, bootstrap and workload containers and their state")
     c.add_argument("--json", action="store_true", help=JSON_HELP)
     c.set_defaults(func=cmd_containers)
+
+    lg = sub.add_parser("logs", help="what a container printed, with its manager's messages (the unit's journal)")
+    lg.add_argument("name", metavar="NAME", help="a host container, bootstrap container or workload")
+    lg.add_argument("-n", "--lines", type=int, default=100, help="the last N entries (default 100, at most 10000)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new entries until interrupted")
+    lg.add_argument("-t", "--timestamps", action="store_true", help="prefix each entry with its time")
+    lg.add_argument("--kind", choices=["host", "bootstrap", "workload"], help="when names are shared across kinds")
+    lg.add_argument("--json", action="store_true", help="one JSON object per entry (time, message)")
+    lg.set_defaults(func=cmd_logs)
 
     e = sub.add_parser("exec", help="run a command in a running container (kiln exec admin -- sheltie)")
     e.add_argument("name", metavar="NAME", help="a host container (admin) or a workload")

@@ -1,12 +1,19 @@
-"""The API's view of containers: what is declared, what runs, and what `kiln exec` may enter."""
+"""The API's view of containers: what is declared, what runs, what `kiln exec` may enter,
+and what they printed (`kiln logs`)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
+from kiln.core.run import run
 from kiln.host.containers import ctr, status
 from kiln.host.containers.spec import KINDS, Kind, Spec, find, from_settings
+
+BOOTSTRAP_UNIT = "kiln-bootstrap-containers.service"  # runs every bootstrap container in turn
+CURSOR = re.compile(r"^[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}$")  # journal cursors
 
 
 class NoSuchContainer(LookupError):
@@ -47,3 +54,50 @@ def target(tree: dict[str, Any], name: str, kind: Kind | None = None) -> Spec:
         if ctr.tasks(spec.runtime).get(spec.id, (0, ""))[1] == "RUNNING":
             return spec
     raise NotRunning(f"container '{name}' ({specs[0].where}) is not running")
+
+
+class LogsUnavailable(RuntimeError):
+    pass
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def log_target(tree: dict[str, Any], name: str, kind: Kind | None = None) -> Spec:
+    """The declared container `kiln logs NAME` means: host, then bootstrap, then workload."""
+    for k in (kind,) if kind else KINDS:
+        spec = find(tree, k, name)
+        if spec is not None:
+            return spec
+    raise NoSuchContainer(f"no container '{name}' in settings.host-containers, "
+                          "settings.bootstrap-containers or settings.containers")
+
+
+def logs(spec: Spec, lines: int, cursor: str | None = None) -> dict[str, Any]:
+    """The last `lines` journal entries of the container's unit (after `cursor`, if given).
+
+    A container's output and its manager's messages (pulls, restarts) share the unit's
+    journal. Bootstrap containers share one unit, so their entries are interleaved.
+    The returned cursor is where the next call (`kiln logs -f`) carries on.
+    """
+    unit = BOOTSTRAP_UNIT if spec.kind == "bootstrap" else spec.unit
+    argv = ["journalctl", "--no-pager", "--quiet", "--output=json", "--output-fields=MESSAGE",
+            f"--unit={unit}", f"--lines={lines}"]
+    if cursor:
+        argv.append(f"--after-cursor={cursor}")
+    proc = run(argv, check=False, timeout=20)
+    if proc.returncode != 0:
+        why = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
+        if cursor and why and "cursor" in why[-1]:
+            raise BadCursor(f"{why[-1]} (a cursor from an earlier answer, or none)")
+        raise LogsUnavailable(f"journalctl failed for {unit}: {why[-1] if why else f'exit {proc.returncode}'}")
+    entries = []
+    for line in proc.stdout.splitlines():
+        entry = json.loads(line)
+        message = entry.get("MESSAGE")
+        if isinstance(message, list):  # not UTF-8: the journal hands over the bytes
+            message = bytes(message).decode(errors="replace")
+        entries.append({"time": int(entry["__REALTIME_TIMESTAMP"]) / 1e6, "message": message or ""})
+        cursor = entry["__CURSOR"]
+    return {"kind": spec.kind, "name": spec.name, "unit": unit, "entries": entries, "cursor": cursor}
