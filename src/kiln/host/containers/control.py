@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kiln.core.errors import KilnError
 from kiln.core.run import run
 from kiln.host.containers import ctr, status
 from kiln.host.containers.spec import KINDS, Kind, Spec, find, from_settings
@@ -86,7 +87,10 @@ def logs(spec: Spec, lines: int, cursor: str | None = None) -> dict[str, Any]:
             f"--unit={unit}", f"--lines={lines}"]
     if cursor:
         argv.append(f"--after-cursor={cursor}")
-    proc = run(argv, check=False, timeout=20)
+    try:
+        proc = run(argv, check=False, timeout=20)
+    except KilnError as e:  # not installed, or timed out
+        raise LogsUnavailable(str(e)) from None
     if proc.returncode != 0:
         why = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
         if cursor and why and "cursor" in why[-1]:
