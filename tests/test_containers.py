@@ -102,7 +102,7 @@ def test_registry_settings_become_hosts_files(tmp_path: Path) -> None:
     assert 'server = "https://registry-1.docker.io"' in hub
     assert hub.index('[host."https://mirror.example"]') < hub.index('[host."http://10.0.2.2:5001"]')
     assert "server" not in (tmp_path / "hosts/_default/hosts.toml").read_text()
-    assert ctr.credentials_for(settings, "busybox") == "u:p:w"
+    assert ctr.credentials_for(settings, "busybox") == ("u", "p:w")
     assert ctr.credentials_for(settings, "10.0.2.2:5000/x") is None
 
 
@@ -154,9 +154,18 @@ def test_a_registry_that_refuses_is_named_and_credentials_stay_hidden(ctrd: Cont
 
 
 def test_credentials_from_the_settings_open_a_private_registry(
-    ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
+    ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """docker-registry with htpasswd: no or wrong credentials → 401 named; the right ones pull."""
+    """docker-registry with htpasswd: no or wrong credentials → 401 named; the right ones pull.
+    The password reaches ctr through its terminal, never its command line."""
+    calls: list[tuple[list[str], bytes | None]] = []
+    real_run = ctr.run
+
+    def spy(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        calls.append((argv, kw.get("tty_input")))
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(ctr, "run", spy)
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"fleet": "pull-secret"})
     layout = oci_registry.images["httpd"].layout
     with LocalRegistry(tmp_path / "private", htpasswd=htpasswd) as reg:
@@ -173,6 +182,10 @@ def test_credentials_from_the_settings_open_a_private_registry(
         settings["credentials"] = {"*": {"username": "fleet", "password": "pull-secret"}}  # any registry
         ctr.pull(rt, ref, settings, tmp_path / "hosts")
         assert ctr.image_present(rt, ref)
+    pulls = [(argv, secret) for argv, secret in calls if "pull" in argv]
+    assert [secret for _, secret in pulls] == [None, b"n0t-th1s\n", b"pull-secret\n"]
+    assert not any("secret" in a or "th1s" in a for argv, _ in pulls for a in argv)
+    assert pulls[-1][0][-3:] == ["--user", "fleet", ref]
 
 
 def _get(port: int, timeout: float = 2) -> str:

@@ -27,6 +27,15 @@ def test_input_and_output() -> None:
     assert run(["/bin/cat"], input=b"hello").stdout == b"hello"
 
 
+def test_tty_input_is_read_from_a_terminal_whole() -> None:
+    """What ctr's password prompt needs: stdin is a terminal, and a line longer than the
+    terminal's 4095-byte canonical limit arrives whole; nothing is echoed to stdout."""
+    secret = "s" * 4096
+    code = "import os, sys; print(os.isatty(0), len(sys.stdin.readline().rstrip()))"
+    got = run(["python3", "-c", code], tty_input=(secret + "\n").encode())
+    assert got.stdout == b"True 4096\n"
+
+
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     start = time.monotonic()

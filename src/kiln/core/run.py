@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tty
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def run(
     capture: bool = True,
     check: bool = True,
     timeout: float | None = None,
+    tty_input: bytes | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command; raise CommandError (with its stderr) when it fails and `check` is set.
 
     A command still running after `timeout` seconds is killed, with everything it started
-    (it runs in its own session), and reported as failed.
+    (it runs in its own session), and reported as failed. `tty_input` is typed into a
+    pseudo-terminal given as stdin: for programs that read a secret only from a terminal
+    (so it never appears on their command line).
     """
     args = [str(a) for a in argv]
     args[0] = which(args[0]) if "/" not in args[0] else args[0]
@@ -89,12 +93,17 @@ def run(
     if env:
         full_env.update(env)
     log.debug("run: %s", shlex.join(args))
+    master = slave = -1
+    if tty_input is not None:
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no 4095-byte canonical line limit, no echo back to us
+        os.write(master, tty_input)  # waits in the terminal's input queue until read
     try:
         with subprocess.Popen(
             args,
             cwd=cwd,
             env=full_env,
-            stdin=subprocess.PIPE if input is not None else None,
+            stdin=slave if slave >= 0 else subprocess.PIPE if input is not None else None,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None,
             start_new_session=timeout is not None,
@@ -111,6 +120,10 @@ def run(
         proc = subprocess.CompletedProcess(args, popen.returncode, out, err)
     except (FileNotFoundError, PermissionError) as e:
         raise CommandError(args, 127, str(e)) from None
+    finally:
+        for fd in (slave, master):
+            if fd >= 0:
+                os.close(fd)
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, (proc.stderr or b"").decode(errors="replace"))
     return proc

@@ -79,35 +79,41 @@ def write_hosts_dir(dest: Path, registry_settings: dict[str, Any]) -> None:
         atomic_write(dest / name / "hosts.toml", hosts_toml(name, mirrors).encode(), mode=0o600)
 
 
-def credentials_for(registry_settings: dict[str, Any], image: str) -> str | None:
+def credentials_for(registry_settings: dict[str, Any], image: str) -> tuple[str, str] | None:
+    """(username, password) for the image's registry, or the `*` entry's."""
     creds = registry_settings.get("credentials") or {}
     found = creds.get(registry_of(image)) or creds.get("*")
     if not found or "username" not in found:
         return None
-    return f"{found['username']}:{found.get('password', '')}"
+    return found["username"], found.get("password", "")
+
+
+def pull_argv(rt: Runtime, ref: str, hosts_dir: Path, username: str | None) -> list[str]:
+    """`ctr images pull`; with a username alone ctr asks for the password on its terminal,
+    so the password is never on a command line (where /proc shows it to every process)."""
+    user = ["--user", username] if username is not None else []
+    return [*base(rt), "images", "pull", "--hosts-dir", str(hosts_dir), *user, ref]
 
 
 def pull(rt: Runtime, image: str, registry_settings: dict[str, Any], hosts_dir: Path) -> None:
     """Pull and unpack `image` into `rt` (skipped by containerd for content it already has)."""
     ref = normalize_image(image)
     write_hosts_dir(hosts_dir, registry_settings)
-    argv = [*base(rt), "images", "pull", "--hosts-dir", str(hosts_dir)]
-    user = credentials_for(registry_settings, image)
-    if user is not None:
-        argv += ["--user", user]
+    creds = credentials_for(registry_settings, image)
+    argv = pull_argv(rt, ref, hosts_dir, creds[0] if creds else None)
     try:
-        run([*argv, ref], timeout=PULL_TIMEOUT)
+        run(argv, timeout=PULL_TIMEOUT, tty_input=(creds[1] + "\n").encode() if creds else None)
     except CommandError as e:
-        raise PullFailed(f"cannot pull {ref}: {_reason(e.stderr, user)}") from None
+        raise PullFailed(f"cannot pull {ref}: {_reason(e.stderr, creds[1] if creds else None)}") from None
 
 
-def _reason(stderr: str, user: str | None) -> str:
-    """ctr's last error line, without its prefix and without the password."""
+def _reason(stderr: str, secret: str | None) -> str:
+    """ctr's last error line, without its prefix (and never with the password)."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else "ctr failed without a message"
     last = last.removeprefix("ctr: ")
-    if user:
-        last = last.replace(user, "<credentials>")
+    if secret:
+        last = last.replace(secret, "<password>")
     return last
 
 
