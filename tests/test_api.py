@@ -36,6 +36,7 @@ from kiln.host.api.server import LocalServer
 from kiln.host.boot import storewolf
 from kiln.host.datastore import Datastore
 from kiln.host.render.templates import Templates
+from tests.test_settings_model import VALID as VALID_SETTINGS
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -311,6 +312,13 @@ def test_openapi_document_and_routes_agree(doc: dict[str, Any]) -> None:
         assert "500" in op["responses"] and "400" in op["responses"], (method, path)
         if method != "GET":
             assert "403" in op["responses"], f"{method} {path}: readers are refused, document 403"
+
+
+@pytest.mark.parametrize("tree", VALID_SETTINGS, ids=range(len(VALID_SETTINGS)))
+def test_openapi_settings_schema_accepts_what_the_model_accepts(doc: dict[str, Any], tree: dict[str, Any]) -> None:
+    """The document is written by hand: every tree the model accepts must fit it too."""
+    schema = {"$ref": "#/components/schemas/Settings", "components": doc["components"]}
+    jsonschema.Draft202012Validator(schema).validate(tree)
 
 
 def test_openapi_json_is_served(call: Caller, doc: dict[str, Any]) -> None:

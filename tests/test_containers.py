@@ -72,6 +72,10 @@ def test_specs_from_settings_and_their_digest() -> None:
     # `once` → `off` is the manager's own bookkeeping, not a reason to restart anything
     tree["bootstrap-containers"]["prep"]["mode"] = "always"
     assert from_settings(tree, "bootstrap")[1].digest == prep.digest
+    tree["containers"]["web"] |= {"memory-limit": "1Gi", "cpus": 0.5}
+    limited = from_settings(tree, "workload")[0]
+    assert (limited.memory_limit, limited.cpus) == (1 << 30, 0.5) and web.memory_limit == 0
+    assert spec.memory_bytes("48Mi") == 48 << 20
 
 
 def test_ctr_argv_superpowered_or_confined() -> None:
@@ -88,6 +92,9 @@ def test_ctr_argv_superpowered_or_confined() -> None:
     assert not any("api.sock" in a or "rootfs" in a for a in argv)
     assert "type=bind,src=/local/www,dst=/www,options=rbind:ro" in argv
     assert argv[-4:] == ["reg.example/h:latest", "workload-web", "httpd", "-f"]
+    assert "--memory-limit" not in argv and "--cpus" not in argv
+    argv = ctr.run_argv(Spec("workload", "web", "r/h", memory_limit=64 << 20, cpus=0.25))
+    assert argv[argv.index("--memory-limit") + 1] == str(64 << 20) and argv[argv.index("--cpus") + 1] == "0.25"
 
 
 def test_registry_settings_become_hosts_files(tmp_path: Path) -> None:
@@ -209,7 +216,7 @@ def _wait(cond: Any, what: str, timeout: float = 30) -> Any:
 def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always") -> dict[str, Any]:
     return {
         "container-registry": mirror(reg),
-        "containers": {"web": {"image": reg.refs["httpd"], "restart": restart,
+        "containers": {"web": {"image": reg.refs["httpd"], "restart": restart, "memory-limit": "64Mi", "cpus": 0.5,
                                "command": ["/bin/httpd", "-f", "-p", str(port), "-h", "/www"],
                                "mounts": [{"source": str(www), "destination": "/www", "read-only": True}]}},
     }
@@ -238,6 +245,19 @@ def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> Iterator
         assert not thread.is_alive(), "the runner did not stop"
 
 
+def cgroup_limits(pid: int) -> tuple[str, str]:
+    """(memory limit in bytes, "quota period") of a process's cgroup, cgroup v2 or v1."""
+    paths = dict(line.split(":", 2)[1:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():  # v2, as on a Kiln host
+        group = root / paths[""].lstrip("/")
+        return (group / "memory.max").read_text().strip(), (group / "cpu.max").read_text().strip()
+    memory = root / "memory" / paths["memory"].lstrip("/")
+    cpu = root / "cpu" / paths.get("cpu", paths.get("cpu,cpuacct", "")).lstrip("/")
+    quota = (cpu / "cpu.cfs_quota_us").read_text().strip() + " " + (cpu / "cpu.cfs_period_us").read_text().strip()
+    return (memory / "memory.limit_in_bytes").read_text().strip(), quota
+
+
 def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
     web: tuple[manager.Runner, int], ctrd: Containerd, tmp_path: Path
 ) -> None:
@@ -245,6 +265,7 @@ def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
     assert _get(port) == "served from a mount\n"
     pid, state = ctr.tasks(spec.WORKLOAD_RUNTIME)["workload-web"]
     assert state == "RUNNING"
+    assert cgroup_limits(pid) == (str(64 << 20), "50000 100000")  # memory-limit 64Mi, cpus 0.5
     os.kill(pid, 9)  # the container's process dies
     _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).restarts == 1,
           "the restart")

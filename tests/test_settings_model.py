@@ -39,6 +39,8 @@ VALID: list[dict[str, Any]] = [
     {"host-containers": {"admin": {"source": "registry/admin:1", "enabled": False, "superpowered": True,
                                    "user-data": "e30="}}},
     {"bootstrap-containers": {"setup-1": {"mode": "once", "essential": True}}},
+    {"containers": {"a": {"memory-limit": "4Mi", "cpus": 0.01}, "b": {"memory-limit": "9999Gi", "cpus": 1024.0},
+                    "c": {"memory-limit": "1536Mi", "cpus": 1.5}}},
     {"api": {"remote": {"enabled": True, "port": 1, "ca": PEM, "certificate": PEM, "key": PEM}}},
     {"api": {"remote": {"port": 65535}}},
 ]
@@ -92,6 +94,14 @@ def test_the_real_defaults_validate() -> None:
         ({"ntp": {"time-servers": ["a", "b", ""]}}, "settings.ntp.time-servers[2]",
          "expected a host name or an IP address"),
         ({"ntp": {"time-servers": ["a"] * 33}}, "settings.ntp.time-servers", "expected array of length <= 32"),
+        # workload limits
+        ({"containers": {"w": {"memory-limit": "3Mi"}}}, "settings.containers.w.memory-limit",
+         "expected a size in Mi (at least 4Mi) or Gi, e.g. 512Mi"),
+        ({"containers": {"w": {"memory-limit": "512M"}}}, "settings.containers.w.memory-limit",
+         "expected a size in Mi (at least 4Mi) or Gi, e.g. 512Mi"),
+        ({"containers": {"w": {"memory-limit": 512}}}, "settings.containers.w.memory-limit", "expected str, got int"),
+        ({"containers": {"w": {"cpus": 0}}}, "settings.containers.w.cpus", "expected float >= 0.01"),
+        ({"containers": {"w": {"cpus": 2048}}}, "settings.containers.w.cpus", "expected float <= 1024.0"),
         # lists of tables: the index stays on its own segment
         ({"containers": {"web": {"mounts": [{"source": "/local/a", "destination": "/a"}, {"source": "/etc"}]}}},
          "settings.containers.web.mounts[1].source", "expected a path under /local (no '.' or '..' parts)"),

@@ -110,6 +110,8 @@ user-data = "{b64(prepare)}"
 [settings.containers.web]
 image = "{ref['httpd']}"
 restart = "always"
+memory-limit = "64Mi"
+cpus = 0.5
 command = ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
 mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
 """)
@@ -147,6 +149,9 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     # --- the workload comes back after its process dies.
     pid = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
     assert pid, host.tasks("containerd")
+    group = vm.check(f"cat /proc/{pid.group(1)}/cgroup").strip().removeprefix("0::")  # cgroup v2
+    limits = vm.check(f"cat /sys/fs/cgroup{group}/memory.max /sys/fs/cgroup{group}/cpu.max")
+    assert limits == f"{64 << 20}\n50000 100000\n", (group, limits)
     vm.check(f"kill -9 {pid.group(1)}")
     host.until("a restart", lambda: host.containers()["workload:web"]["restarts"] >= 1)
     assert host.until("serving again", host.web) == "hello from a bootstrap container\n"

@@ -175,6 +175,10 @@ def run_argv(spec: Spec, persistent: Path | None = None) -> list[str]:
         argv += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
     for k, v in spec.env:
         argv += ["--env", f"{k}={v}"]
+    if spec.memory_limit:
+        argv += ["--memory-limit", str(spec.memory_limit)]
+    if spec.cpus:
+        argv += ["--cpus", f"{spec.cpus:g}"]
     return [*argv, normalize_image(spec.image), spec.id, *spec.command]
 
 

@@ -73,6 +73,8 @@ class Spec:
     user_data: str = ""
     mode: Literal["off", "once", "always"] = "off"
     essential: bool = False
+    memory_limit: int = 0  # bytes; 0: none (workloads only)
+    cpus: float = 0.0  # CFS quota in CPUs; 0: none (workloads only)
 
     @property
     def runtime(self) -> Runtime:
@@ -109,6 +111,13 @@ def normalize_image(ref: str) -> str:
     return name + (at + digest if at else "")
 
 
+def memory_bytes(limit: str) -> int:
+    """`512Mi` → bytes (the model allows only Mi and Gi); "" → 0, no limit."""
+    if not limit:
+        return 0
+    return int(limit[:-2]) << (20 if limit.endswith("Mi") else 30)
+
+
 def registry_of(ref: str) -> str:
     return normalize_image(ref).split("/", 1)[0]
 
@@ -137,6 +146,8 @@ def _spec(kind: Kind, name: str, raw: dict[str, Any]) -> Spec:
             network=raw.get("network", "host"),
             mounts=tuple(Mount(m.get("source", ""), m.get("destination", m.get("source", "")),
                                m.get("read-only", False)) for m in raw.get("mounts") or ()),
+            memory_limit=memory_bytes(raw.get("memory-limit", "")),
+            cpus=float(raw.get("cpus", 0.0)),
         )
     if kind == "host":
         return Spec(kind, name, raw.get("source", ""), enabled=raw.get("enabled", False),

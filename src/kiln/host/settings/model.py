@@ -49,6 +49,9 @@ Argument = Annotated[str, Meta(pattern=r"^[^\x00]*$", max_length=32768)]
 # Workload mounts come from /local only (the host's own directories stay out of reach).
 LocalPath = Annotated[str, Meta(pattern=r"^/local(/(?!\.\.?(/|$))[^/\x00\n]+)*/?$", max_length=1024)]
 ContainerPath = Annotated[str, Meta(pattern=r"^/((?!\.\.?(/|$))[^/\x00\n]+/?)*$", max_length=1024)]
+# Workload memory limit: 4Mi up to 9999999Mi, or 1Gi up to 9999Gi (binary units, as Kubernetes writes them).
+MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)$")]
+Cpus = Annotated[float, Meta(ge=0.01, le=1024)]
 UnitName = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$", max_length=256)
 ]
@@ -122,6 +125,8 @@ class Container(_S):
     restart: Literal["always", "on-failure", "never"] | None = None
     network: Literal["host", "none"] | None = None
     mounts: Annotated[list[Mount], Meta(max_length=64)] | None = None
+    memory_limit: MemoryLimit | None = None
+    cpus: Cpus | None = None
 
 
 class RegistryCredential(_S):
@@ -182,6 +187,7 @@ _PATTERNS = {
     EnvName: "an environment variable name",
     LocalPath: "a path under /local (no '.' or '..' parts)",
     ContainerPath: "an absolute path (no '.' or '..' parts)",
+    MemoryLimit: "a size in Mi (at least 4Mi) or Gi, e.g. 512Mi",
 }
 
 
