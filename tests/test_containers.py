@@ -535,19 +535,41 @@ def test_sync_waits_for_the_boot_then_matches_units_to_settings(
                                                                                             "enabled": False}}}
     monkeypatch.setattr(manager, "_systemctl", systemctl)
     monkeypatch.setattr(manager, "live_settings", lambda: tree)
+    monkeypatch.setattr(manager, "collect_images", lambda t: ["r/gone:1"])  # runs for real below
     state = tmp_path / "state"
     assert manager.sync(["workload"], state) == []  # before kiln-containers.service: nothing
     same = from_settings(tree, "workload")[2]
     assert same.name == "same"
     status.write(same, "running", state)
     actions = manager.sync(["workload"], state, boot=True)
-    assert actions == ["stop kiln-container@workload:old.service", "restart kiln-container@workload:new.service"]
+    assert actions == ["stop kiln-container@workload:old.service", "restart kiln-container@workload:new.service",
+                       "remove image r/gone:1"]
     assert (state / "booted").exists()
     tree["containers"]["same"]["image"] = "r/a:2"  # changed: restarted
     assert manager.sync(["workload"], state) == ["stop kiln-container@workload:old.service",
                                                  "restart kiln-container@workload:new.service",
-                                                 "restart kiln-container@workload:same.service"]
+                                                 "restart kiln-container@workload:same.service",
+                                                 "remove image r/gone:1"]
     assert json.loads((state / "workload-same.json").read_text())["state"] == "running"
+
+
+def test_unused_images_are_removed_with_their_content(
+    web: tuple[manager.Runner, int], ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    """Kept: what the settings name (enabled or not) and what a container still uses."""
+    runner, _port = web
+    rt = spec.WORKLOAD_RUNTIME
+    admin, bootstrap = oci_registry.refs["admin"], oci_registry.refs["bootstrap"]
+    for ref in (admin, bootstrap):
+        ctr.pull(rt, ref, mirror(oci_registry), tmp_path / "hosts")
+    blobs = ctrd.dir / "root/io.containerd.content.v1.content/blobs/sha256"
+    before = len(list(blobs.iterdir()))
+    tree = {"host-containers": {"admin": {"source": admin, "enabled": False}}}
+    # httpd: not in the settings, but its container exists (the web fixture runs it)
+    assert manager.collect_images(tree) == [normalize_image(bootstrap)]
+    assert set(ctr.images(rt)) == {normalize_image(admin), normalize_image(runner.spec.image)}
+    assert len(list(blobs.iterdir())) == before - 3  # its manifest, config and layer
+    assert manager.collect_images(tree) == []
 
 
 def test_resolv_conf_from_dhcp_leases(tmp_path: Path) -> None:

@@ -118,8 +118,25 @@ def _reason(stderr: str, secret: str | None) -> str:
 
 
 def image_present(rt: Runtime, image: str) -> bool:
-    out = run([*base(rt), "images", "ls", "--quiet"], timeout=CALL_TIMEOUT).stdout.decode()
-    return normalize_image(image) in out.split()
+    return normalize_image(image) in images(rt)
+
+
+def images(rt: Runtime) -> list[str]:
+    if not os.path.exists(rt.address):
+        return []
+    return run([*base(rt), "images", "ls", "--quiet"], timeout=CALL_TIMEOUT).stdout.decode().split()
+
+
+def images_in_use(rt: Runtime) -> set[str]:
+    """The images of the containers that exist (running, or stopping and not yet removed)."""
+    out = run([*base(rt), "containers", "ls"], timeout=CALL_TIMEOUT).stdout.decode()
+    return {parts[1] for line in out.splitlines()[1:] if len(parts := line.split()) >= 2}
+
+
+def remove_images(rt: Runtime, refs: Sequence[str]) -> None:
+    """Delete image records; with --sync containerd's garbage collector frees their content
+    before ctr returns."""
+    run([*base(rt), "images", "rm", "--sync", *refs], check=False, timeout=PULL_TIMEOUT)
 
 
 def remove_stale(rt: Runtime, cid: str) -> None:

@@ -35,7 +35,8 @@ from kiln.core.fs import atomic_write
 from kiln.core.run import run
 from kiln.host.boot.console import say
 from kiln.host.containers import ctr, status
-from kiln.host.containers.spec import KINDS, PERSISTENT_ROOT, Kind, Spec, find, from_settings
+from kiln.host.containers import spec as spec_mod
+from kiln.host.containers.spec import KINDS, PERSISTENT_ROOT, Kind, Spec, find, from_settings, normalize_image
 from kiln.host.datastore import Datastore
 
 STOP_GRACE = 10.0  # seconds a container has to exit on SIGTERM before it is killed
@@ -324,10 +325,29 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
                 continue
             actions.append(f"restart {unit}")
             _systemctl("--no-block", "restart", unit)
+    if actions:  # a container went away or changed: its old image may be unused now
+        actions += [f"remove image {ref}" for ref in collect_images(tree)]
     if boot:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / status.BOOTED).touch()
     return actions
+
+
+def collect_images(tree: dict[str, Any]) -> list[str]:
+    """Remove the images that no declared container names (enabled or not) and no existing
+    container uses, so DATA does not fill up with every version ever run."""
+    specs = [s for kind in KINDS for s in from_settings(tree, kind)]
+    removed = []
+    for rt in dict.fromkeys((spec_mod.HOST_RUNTIME, spec_mod.WORKLOAD_RUNTIME)):
+        present = ctr.images(rt)
+        if not present:
+            continue
+        keep = {normalize_image(s.image) for s in specs if s.runtime == rt and s.image} | ctr.images_in_use(rt)
+        unused = [ref for ref in present if ref not in keep]
+        if unused:
+            ctr.remove_images(rt, unused)
+            removed += unused
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
