@@ -551,6 +551,9 @@ def test_sync_waits_for_the_boot_then_matches_units_to_settings(
                                                  "restart kiln-container@workload:same.service",
                                                  "remove image r/gone:1"]
     assert json.loads((state / "workload-same.json").read_text())["state"] == "running"
+    units.clear()  # only a new container to start: no image can have fallen out of use
+    assert manager.sync(["workload"], state) == ["restart kiln-container@workload:new.service",
+                                                 "restart kiln-container@workload:same.service"]
 
 
 def test_unused_images_are_removed_with_their_content(

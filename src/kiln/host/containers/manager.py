@@ -309,6 +309,7 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
         return []
     tree = live_settings()
     actions = []
+    replaced = boot  # an image may have fallen out of use (at boot: since the last one)
     for kind in kinds:
         if kind == "bootstrap":
             continue  # they run at boot only
@@ -318,6 +319,7 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
             if unit not in desired and active in ("active", "activating", "reloading"):
                 actions.append(f"stop {unit}")
                 _systemctl("--no-block", "stop", unit)
+                replaced = True
         for unit, spec in desired.items():
             st = status.read(spec, state_dir)
             current = loaded.get(unit, "inactive") in ("active", "activating", "reloading")
@@ -325,7 +327,8 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
                 continue
             actions.append(f"restart {unit}")
             _systemctl("--no-block", "restart", unit)
-    if actions:  # a container went away or changed: its old image may be unused now
+            replaced = replaced or unit in loaded
+    if replaced:  # not for a new container alone: that stays off its start-up path
         actions += [f"remove image {ref}" for ref in collect_images(tree)]
     if boot:
         state_dir.mkdir(parents=True, exist_ok=True)
