@@ -556,6 +556,19 @@ def test_sync_waits_for_the_boot_then_matches_units_to_settings(
                                                  "restart kiln-container@workload:same.service"]
 
 
+def test_what_a_killed_manager_left_is_cleared(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> None:
+    rt = spec.WORKLOAD_RUNTIME
+    ref = normalize_image(oci_registry.refs["httpd"])
+    ctr.pull(rt, ref, mirror(oci_registry), tmp_path / "hosts")
+    ctrd.ctr("run", "-d", "--net-host", ref, "workload-left", "/bin/httpd", "-f", "-p", str(free_port()))
+    ctrd.ctr("containers", "create", ref, "workload-created")
+    assert ctr.tasks(rt)["workload-left"][1] == "RUNNING"
+    ctr.remove_stale(rt, "workload-left")
+    ctr.remove_stale(rt, "workload-created")
+    ctr.remove_stale(rt, "workload-never")  # nothing there: nothing to do
+    assert ctr.tasks(rt) == {} and ctrd.ctr("containers", "ls", "--quiet").stdout == b""
+
+
 def test_unused_images_are_removed_with_their_content(
     web: tuple[manager.Runner, int], ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
