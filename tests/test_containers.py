@@ -555,6 +555,15 @@ def test_sync_waits_for_the_boot_then_matches_units_to_settings(
     assert manager.sync(["workload"], state) == ["restart kiln-container@workload:new.service",
                                                  "restart kiln-container@workload:same.service"]
 
+    def unreachable(tree: Any) -> list[str]:
+        raise KilnError("containerd did not answer")
+
+    monkeypatch.setattr(manager, "collect_images", unreachable)  # the units are still handled
+    units["kiln-container@workload:old.service"] = "active"
+    got = manager.sync(["workload"], state)
+    assert got[0] == "stop kiln-container@workload:old.service"
+    assert got[-1] == "images not collected: containerd did not answer"
+
 
 def test_what_a_killed_manager_left_is_cleared(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> None:
     rt = spec.WORKLOAD_RUNTIME

@@ -329,7 +329,10 @@ def sync(kinds: Sequence[Kind], state_dir: Path = status.STATE_DIR, boot: bool =
             _systemctl("--no-block", "restart", unit)
             replaced = replaced or unit in loaded
     if replaced:  # not for a new container alone: that stays off its start-up path
-        actions += [f"remove image {ref}" for ref in collect_images(tree)]
+        try:
+            actions += [f"remove image {ref}" for ref in collect_images(tree)]
+        except KilnError as e:  # a containerd that does not answer: the next sync tries again
+            actions.append(f"images not collected: {e}")
     if boot:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / status.BOOTED).touch()
