@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,10 +39,13 @@ class Host:
     def __init__(self, vm: Vm, fleet: Path, api_port: int, web_port: int) -> None:
         self.vm, self.fleet, self.api_port, self.web_port = vm, fleet, api_port, web_port
 
-    def kiln(self, *args: str, timeout: float = 180, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "kiln.cli.main", "--endpoint", f"127.0.0.1:{self.api_port}",
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kiln.cli.main", "--endpoint", f"127.0.0.1:{self.api_port}",
                 "--pki", str(self.fleet), *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, input=input)
+
+    def kiln(self, *args: str, timeout: float = 180, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, check=False,
+                              input=input)
 
     def ok(self, *args: str, timeout: float = 180) -> str:
         done = self.kiln(*args, timeout=timeout)
@@ -161,6 +165,20 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     assert "prepared /local/www" in host.ok("logs", "prepare")  # what the bootstrap container printed
     entries = [json.loads(line) for line in host.ok("logs", "web", "-n", "1", "--json").splitlines()]
     assert len(entries) == 1 and entries[0]["time"] > 1.7e9
+    # kiln logs -f: what happens next arrives while it follows; Ctrl-C ends it.
+    with subprocess.Popen(host.argv("logs", "-f", "-n", "1", "web"), stdout=subprocess.PIPE, text=True) as follow:
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # the last entry so far: following has begun
+        assert first.strip(), first
+        again = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
+        assert again and again.group(1) != pid.group(1)
+        vm.check(f"kill -9 {again.group(1)}")
+        deadline = time.monotonic() + 120
+        while "exited with status 137; restart 2 in" not in (line := follow.stdout.readline()):
+            assert line and time.monotonic() < deadline, "kiln logs -f did not show the second restart"
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(30) == 0
+    assert host.until("serving once more", host.web) == "hello from a bootstrap container\n"
 
     # --- bad input: clear errors through the API, nothing else disturbed.
     bad = host.kiln("settings", "set", "containers.bad.image=Not An Image")
