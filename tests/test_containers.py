@@ -272,12 +272,14 @@ def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
     pid, state = ctr.tasks(spec.WORKLOAD_RUNTIME)["workload-web"]
     assert state == "RUNNING"
     assert cgroup_limits(pid) == (str(64 << 20), "50000 100000")  # memory-limit 64Mi, cpus 0.5
+    assert (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).pid == pid
     os.kill(pid, 9)  # the container's process dies
     _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).restarts == 1,
           "the restart")
     assert _wait(lambda: _get(port), "serving again") == "served from a mount\n"
     new_pid = _wait(lambda: ctr.tasks(spec.WORKLOAD_RUNTIME).get("workload-web", (0, ""))[0], "the new task")
     assert new_pid != pid
+    assert _wait(lambda: (st := status.read(runner.spec, tmp_path / "state")) and st.pid == new_pid, "the new pid")
     runner.stop()
     _wait(lambda: "workload-web" not in ctr.tasks(spec.WORKLOAD_RUNTIME), "the task to go")
     _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).state == "stopped",
@@ -470,9 +472,12 @@ def test_containers_overview_and_removal(api_host: ApiHost, tmp_path: Path) -> N
     c.request("POST", "/tx/commit")
     tree = api_host.store.live()
     (web_spec,) = [s for s in from_settings(tree, "workload") if s.name == "web"]
-    status.write(web_spec, "failed", tmp_path / "state", detail="cannot pull r/httpd:1: not found")
+    status.write(web_spec, "running", tmp_path / "state", pid=4242)
+    assert {e["name"]: e for e in c.request("GET", "/containers")}["web"]["pid"] == 4242
+    status.write(web_spec, "failed", tmp_path / "state", detail="cannot pull r/httpd:1: not found", pid=4242)
     by_name = {e["name"]: e for e in c.request("GET", "/containers")}
     assert by_name["web"]["state"] == "failed" and "not found" in by_name["web"]["detail"]
+    assert "pid" not in by_name["web"]  # only while running
     assert by_name["db"]["state"] == "disabled" and by_name["prep"]["mode"] == "once"
     assert by_name["admin"]["kind"] == "host" and by_name["admin"]["state"] == "disabled"  # the default
     assert overview(tree, tmp_path / "state") == c.request("GET", "/containers")

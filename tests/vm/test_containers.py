@@ -153,6 +153,7 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     # --- the workload comes back after its process dies.
     pid = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
     assert pid, host.tasks("containerd")
+    assert host.containers()["workload:web"]["pid"] == int(pid.group(1))  # what `kiln containers` shows
     group = vm.check(f"cat /proc/{pid.group(1)}/cgroup").strip().removeprefix("0::")  # cgroup v2
     limits = vm.check(f"cat /sys/fs/cgroup{group}/memory.max /sys/fs/cgroup{group}/cpu.max")
     assert limits == f"{64 << 20}\n50000 100000\n", (group, limits)

@@ -34,9 +34,10 @@ def cmd_containers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2, sort_keys=True))
         return 0
-    print(f"{'KIND':<10} {'NAME':<16} {'STATE':<11} {'RESTARTS':<8} IMAGE")
+    print(f"{'KIND':<10} {'NAME':<16} {'STATE':<11} {'PID':<8} {'RESTARTS':<8} IMAGE")
     for e in entries:
-        print(f"{e['kind']:<10} {e['name']:<16} {e['state']:<11} {e.get('restarts', 0):<8} {e['image']}")
+        pid = e.get("pid", "-")
+        print(f"{e['kind']:<10} {e['name']:<16} {e['state']:<11} {pid:<8} {e.get('restarts', 0):<8} {e['image']}")
         if e.get("detail") and e["state"] in ("failed", "restarting", "pulling"):
             print(f"{'':<10} {e['detail']}")
     return 0

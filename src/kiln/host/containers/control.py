@@ -41,6 +41,8 @@ def overview(tree: dict[str, Any], state_dir: Path = status.STATE_DIR) -> list[d
                 entry |= {"state": st.state if spec.enabled or st.state == "exited" else "disabled",
                           "detail": st.detail, "restarts": st.restarts, "exit-code": st.exit_code,
                           "since": round(st.since, 3), "current": st.digest == spec.digest}
+                if st.state == "running" and st.pid is not None:
+                    entry["pid"] = st.pid
             out.append(entry)
     return out
 

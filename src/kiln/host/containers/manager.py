@@ -96,6 +96,14 @@ def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
     return d
 
 
+def _read_pid(path: Path) -> int | None:
+    """The container's init pid as the shim wrote it (runc writes the file whole)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 class Runner:
     """Runs one container in the foreground and restarts it per policy until told to stop."""
 
@@ -125,8 +133,8 @@ class Runner:
         """The wait before a restart; a stop ends it at once."""
         select.select([self._wake_r], [], [], seconds)
 
-    def once(self, argv: Sequence[str], started: Callable[[], object] = lambda: None) -> int:
-        """One run of the container; `started()` once its task exists; returns its exit status."""
+    def once(self, argv: Sequence[str], started: Callable[..., object] = lambda pid: None) -> int:
+        """One run of the container; `started(pid=…)` once its task exists; returns its exit status."""
         ctr.remove_stale(self.spec.runtime, self.spec.id)
         init_pid = self.spec.runtime.init_pid(self.spec.id)
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL)
@@ -138,7 +146,7 @@ class Runner:
             while True:
                 if waiting_start and init_pid.exists():
                     waiting_start = False
-                    started()
+                    started(pid=_read_pid(init_pid))
                 timeout = 0.1 if waiting_start else None  # until the task exists, then block
                 if self.stopping and not killed:
                     grace = self.stop_asked + STOP_GRACE - time.monotonic()

@@ -31,6 +31,7 @@ class State:
     restarts: int = 0
     exit_code: int | None = None
     since: float = 0.0
+    pid: int | None = None  # the container's init, as the host sees it (while running)
 
 
 def path(spec: Spec, root: Path = STATE_DIR) -> Path:
