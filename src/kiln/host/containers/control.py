@@ -49,14 +49,18 @@ def overview(tree: dict[str, Any], state_dir: Path = status.STATE_DIR) -> list[d
 
 def target(tree: dict[str, Any], name: str, kind: Kind | None = None) -> Spec:
     """The running container `kiln exec NAME` means: a host container first, then a workload."""
-    kinds: tuple[Kind, ...] = (kind,) if kind else ("host", "workload")
-    specs = [s for k in kinds if (s := find(tree, k, name)) is not None]
+    specs = _declared(tree, name, (kind,) if kind else ("host", "workload"))
     if not specs:
         raise NoSuchContainer(f"no container '{name}' in settings.host-containers or settings.containers")
     for spec in specs:
         if ctr.tasks(spec.runtime).get(spec.id, (0, ""))[1] == "RUNNING":
             return spec
     raise NotRunning(f"container '{name}' ({specs[0].where}) is not running")
+
+
+def _declared(tree: dict[str, Any], name: str, kinds: tuple[Kind, ...]) -> list[Spec]:
+    """The containers called `name` in the settings, in the order of `kinds`."""
+    return [s for k in kinds if (s := find(tree, k, name)) is not None]
 
 
 class LogsUnavailable(RuntimeError):
@@ -69,10 +73,9 @@ class BadCursor(ValueError):
 
 def log_target(tree: dict[str, Any], name: str, kind: Kind | None = None) -> Spec:
     """The declared container `kiln logs NAME` means: host, then bootstrap, then workload."""
-    for k in (kind,) if kind else KINDS:
-        spec = find(tree, k, name)
-        if spec is not None:
-            return spec
+    specs = _declared(tree, name, (kind,) if kind else KINDS)
+    if specs:
+        return specs[0]
     raise NoSuchContainer(f"no container '{name}' in settings.host-containers, "
                           "settings.bootstrap-containers or settings.containers")
 
