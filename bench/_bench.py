@@ -396,7 +396,11 @@ def git_source() -> dict[str, Any]:
             "uncommitted": git("status", "--porcelain", "--", "src", "variants").splitlines()}
 
 
-def other_work() -> list[str]:
-    """QEMU or pytest processes running besides this benchmark (they share the 2 CPUs)."""
+def other_work(warn: bool = False) -> list[str]:
+    """QEMU or pytest processes running besides this benchmark (they share the 2 CPUs);
+    `warn` says so on the log (at a benchmark's start)."""
     out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64|pytest"], capture_output=True, text=True, check=False)
-    return [line[:160] for line in out.stdout.splitlines() if str(os.getpid()) not in line.split()[:1]]
+    busy = [line[:160] for line in out.stdout.splitlines() if str(os.getpid()) not in line.split()[:1]]
+    if warn and busy:
+        log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
+    return busy

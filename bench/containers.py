@@ -1023,9 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is None and os.geteuid() != 0:
         ap.error("run as root (kiln build), or give --image")
     info = B.machine()
-    busy = B.other_work()
-    if busy:
-        B.log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
+    busy = B.other_work(warn=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-containers-") as tmp:
         work = Path(tmp)

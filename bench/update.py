@@ -645,9 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("run as root (kiln build)")
     info = B.machine()
-    busy = B.other_work()
-    if busy:
-        B.log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
+    busy = B.other_work(warn=True)
     t0 = time.monotonic()
     bench_repo, port, releases, build_info = builds(args.reuse_builds)
     variant = build_info["variant"]
