@@ -272,7 +272,8 @@ def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
     pid, state = ctr.tasks(spec.WORKLOAD_RUNTIME)["workload-web"]
     assert state == "RUNNING"
     assert cgroup_limits(pid) == (str(64 << 20), "50000 100000")  # memory-limit 64Mi, cpus 0.5
-    assert (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).pid == pid
+    # httpd may serve before the manager's 0.1 s look at init.pid has marked it running
+    assert _wait(lambda: (st := status.read(runner.spec, tmp_path / "state")) and st.pid == pid, "the pid")
     os.kill(pid, 9)  # the container's process dies
     _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).restarts == 1,
           "the restart")
