@@ -19,6 +19,13 @@ from tests.registry import OciRegistry, serving_kiln_images
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.toolcheck import ToolCheck
+
+    if not config.pluginmanager.has_plugin("kiln-toolcheck"):
+        config.pluginmanager.register(ToolCheck(), "kiln-toolcheck")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:
         raise pytest.UsageError("Kiln's tests build images and must run as root (make test uses sudo)")

@@ -41,7 +41,41 @@ TOOL_PACKAGES: dict[str, str] = {
     "readelf": "binutils",
     "sgdisk": "gdisk",
     "chroot": "coreutils",
+    "cp": "coreutils",
+    "setsid": "util-linux",
+    "partx": "util-linux",
+    "resize2fs": "e2fsprogs",
+    "mke2fs": "e2fsprogs",
+    "systemctl": "systemd",
+    "journalctl": "systemd",
+    "genisoimage": "genisoimage",
+    "busybox": "busybox-static",
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "docker-registry": "docker-registry",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
+    "etcd": "etcd-server",
+    "etcdctl": "etcd-client",
+    "python3": "python3-minimal",
 }
+
+# When set (by the test suite), every program resolved or started here is appended to
+# this file: tests/toolcheck.py checks that `make setup` installs each one.
+TOOL_LOG_ENV = "KILN_TOOL_LOG"
+
+
+def _note(tool: str, found: str) -> None:
+    log_path = os.environ.get(TOOL_LOG_ENV)
+    if not log_path:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{tool}\t{found}\n".encode())  # one small O_APPEND write: whole lines
+        finally:
+            os.close(fd)
 
 
 class CommandError(KilnError):
@@ -59,6 +93,7 @@ class CommandError(KilnError):
 
 def which(tool: str) -> str:
     found = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    _note(tool, found or "")
     if found is None:
         pkg = TOOL_PACKAGES.get(tool)
         raise KilnError(
@@ -87,7 +122,10 @@ def run(
     (so it never appears on their command line).
     """
     args = [str(a) for a in argv]
-    args[0] = which(args[0]) if "/" not in args[0] else args[0]
+    if "/" in args[0]:
+        _note(args[0], args[0])
+    else:
+        args[0] = which(args[0])
     full_env = dict(os.environ)
     full_env.setdefault("LC_ALL", "C.UTF-8")
     if env:
