@@ -14,6 +14,7 @@ from kiln.build.pipeline import BuildOptions, BuildResult, build
 from kiln.core.progress import Progress
 from kiln.variant import Variant, load_variant
 from kiln.vm.qemu import Vm, VmConfig
+from tests.etcd_cluster import EtcdCluster, etcd_cluster
 from tests.registry import OciRegistry, serving_kiln_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,11 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegist
     (built by `kiln oci build`, pushed by `kiln oci push`); guests reach it at 10.0.2.2."""
     with serving_kiln_images(tmp_path_factory.mktemp("oci"), ("admin", "httpd", "bootstrap")) as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster on loopback for the fleet tests that do not break it (each
+    test uses its own group names); fault tests start their own."""
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster

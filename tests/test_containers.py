@@ -217,7 +217,7 @@ def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always"
     return {
         "container-registry": mirror(reg),
         "containers": {"web": {"image": reg.refs["httpd"], "restart": restart, "memory-limit": "64Mi", "cpus": 0.5,
-                               "command": ["/bin/httpd", "-f", "-p", str(port), "-h", "/www"],
+                               "command": ["/bin/httpd", "-f", "-p", str(port), "-h", "/www"], "stop-timeout": 1,
                                "mounts": [{"source": str(www), "destination": "/www", "read-only": True}]}},
     }
 
@@ -228,9 +228,9 @@ def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
     """The httpd workload run by the manager's Runner, serving a directory of ours.
 
     httpd is the container's PID 1 without a SIGTERM handler, so every stop ends with the
-    SIGKILL after the grace period: 1 s here instead of 10 (the same path, sooner).
+    SIGKILL after the grace period: its stop-timeout is 1 s here instead of 10 (the same
+    path, sooner).
     """
-    monkeypatch.setattr(manager, "STOP_GRACE", 1.0)
     port = free_port()
     www = tmp_path / "www"
     www.mkdir()

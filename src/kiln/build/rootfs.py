@@ -205,6 +205,7 @@ def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None
         "kiln-api-remote.service",
         "kiln-lockdown.service",
         "kiln-containers.service",
+        "kiln-updater.service",
     ]
     if debug_console:
         units.append("kiln-debug-shell.service")

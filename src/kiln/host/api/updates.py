@@ -3,6 +3,7 @@
     GET  /updates/status
     POST /actions/refresh-updates | prepare-update | activate-update | deactivate-update
     POST /actions/rollback[?reboot=false]
+    POST /actions/retry-update?version=V   forget this host's failures of V
 
 Commands are started and answered with 202; clients poll the status. 409: not allowed in
 the current state; 423: another update command is running.
@@ -57,3 +58,20 @@ def rollback(api: Api, req: Request) -> Response:
     except SlotError as e:
         raise ApiError(409, str(e)) from None
     return Response(202, {"next": slots.get("next"), "rebooting": reboot}, after=api.reboot if reboot else None)
+
+
+@route("POST", "/actions/retry-update")
+def retry_update(api: Api, req: Request) -> Response:
+    from kiln.host.update.errors import Busy
+    from kiln.host.update.manifest import ManifestError, Version
+
+    text = req.arg("version") or ""
+    try:
+        version = str(Version.parse(text, "version"))
+    except ManifestError as e:
+        raise ApiError(400, f"{e} (?version=MAJOR.MINOR.PATCH)") from None
+    try:
+        cleared = api.updates().retry(version)
+    except Busy as e:
+        raise ApiError(423, str(e)) from None
+    return Response(200, {"version": version, "cleared": cleared})

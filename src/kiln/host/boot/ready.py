@@ -17,12 +17,10 @@ from kiln.host.boot import health
 from kiln.host.boot.console import say
 from kiln.host.osinfo import os_release
 from kiln.host.slot import Slots, SlotState, booted_slot
+from kiln.host.update import failures
 from kiln.host.update.status import Paths, write_versions
 
-UNHEALTHY = (
-    "did not finish booting: no successful boot was recorded "
-    "(a kernel panic, a hang, or a failure before the health gate)"
-)
+UNHEALTHY = failures.UNHEALTHY
 
 
 def ready_line(osr: dict[str, str], slot: str) -> str:
@@ -52,7 +50,7 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
     import json
     import time
 
-    from kiln.host.update.status import read_versions, record_failure, write_versions
+    from kiln.host.update.status import read_versions, write_versions
 
     other, mine = st.flags(st.inactive), st.flags(slots.active or "A")
     if not (other.priority > mine.priority and not other.will_boot and not other.successful):
@@ -63,9 +61,12 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
         note = json.loads(pending.read_bytes())
     reason = note.get("reason") if note.get("slot") == st.inactive else None
     version = read_versions(paths).get(st.inactive) or note.get("version") or "unknown"
+    # A note means the new version judged itself (health gate): a definite failure. No
+    # note: it never got that far, which a power cut cannot be told apart from: ambiguous.
     entry = {"version": version, "slot": st.inactive, "reason": reason or UNHEALTHY,
+             "kind": failures.DEFINITE if reason else failures.AMBIGUOUS,
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "running": running}
-    record_failure(paths, entry)
+    failures.record(paths.failures, entry)
     say(f"kiln: update to {version} failed ({entry['reason']}); rolled back to {running} on slot {slots.active}")
     slots.apply("clear-inactive")
     write_versions(paths, {st.inactive: None})

@@ -84,7 +84,35 @@ def describe(st: dict[str, Any]) -> list[str]:
                      + (f": {cmd.get('stderr')}" if cmd.get("stderr") else ""))
     failure = st.get("last_failure")
     if failure:
-        lines.append(f"last failed update: {failure.get('version')} at {failure.get('at')}: {failure.get('reason')}")
+        kind = f" ({failure['kind']})" if failure.get("kind") else ""
+        lines.append(f"last failed update: {failure.get('version')} at {failure.get('at')}{kind}: "
+                     f"{failure.get('reason')}" + (" [cleared]" if failure.get("cleared") else ""))
+    return lines + describe_daemon(st.get("daemon"))
+
+
+def describe_daemon(d: dict[str, Any] | None) -> list[str]:
+    """The update daemon's part: strategy, next check, the window and the fleet lock."""
+    if not d:
+        return ["daemon: not running (settings.updates.strategy is manual)"]
+    lines = [f"daemon: strategy {d.get('strategy')}, {d.get('phase')}"
+             + (f": {d['reason']}" if d.get("reason") else "")]
+    if d.get("next_check"):
+        lines.append(f"  next check: {d['next_check']}")
+    window = d.get("window") or {}
+    if window.get("opens_at"):
+        lines.append(f"  maintenance window: {window.get('window')}, opens at {window['opens_at']}")
+    elif window.get("closes_at"):
+        lines.append(f"  maintenance window: {window.get('window')}, open until {window['closes_at']}")
+    lock = d.get("lock")
+    if lock == "held":
+        lines.append(f"  reboot slot: held in group {d.get('group')} since {d.get('lock_since')}")
+    elif d.get("waiting_since"):
+        lines.append(f"  reboot slot: waiting since {d['waiting_since']} ({d.get('lock_attempts')} tries; "
+                     f"next at {d.get('next_attempt')})")
+    elif lock == "asking":
+        lines.append("  reboot slot: asking")
+    if d.get("last_error"):
+        lines.append(f"  last error: {d['last_error']}")
     return lines
 
 
@@ -103,6 +131,13 @@ def cmd_update(args: argparse.Namespace) -> int:
         return 0
     if args.update_command == "check":
         _print(run_command(client, "refresh", show=show), args)
+        return 0
+    if args.update_command == "retry":
+        value = client.request("POST", f"/actions/retry-update?version={args.version}")
+        if args.json:
+            print(json.dumps(value, indent=2, sort_keys=True))
+        else:
+            print(f"{value['version']}: {value['cleared']} failure(s) cleared; the next check may take it again")
         return 0
     if args.update_command == "cancel":
         _print(run_command(client, "deactivate", show=show), args)
@@ -145,9 +180,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("apply", "download and write the chosen update into the other slot and make it boot next"),
         ("cancel", "keep booting the running version (undo apply before the reboot)"),
         ("status", "the update state, and why nothing is applied"),
+        ("retry", "forget this host's failures of a version, so it is taken again"),
     ):
         p = usub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "retry":
+            p.add_argument("version", help="the version to retry (MAJOR.MINOR.PATCH)")
         if name == "apply":
             p.add_argument("--reboot", action="store_true", help="reboot into the new version when written")
     update.set_defaults(func=cmd_update)

@@ -39,7 +39,6 @@ from kiln.host.containers import spec as spec_mod
 from kiln.host.containers.spec import KINDS, PERSISTENT_ROOT, Kind, Spec, find, from_settings, normalize_image
 from kiln.host.datastore import Datastore
 
-STOP_GRACE = 10.0  # seconds a container has to exit on SIGTERM before it is killed
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0  # a run this long resets the restart backoff
 PULL_RETRY_FOR = 45.0  # the network may still be coming up at boot
@@ -121,7 +120,7 @@ class Runner:
 
     def stop(self, _sig: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Ask for a stop (SIGTERM handler, or another thread): the container gets SIGTERM
-        now and SIGKILL after STOP_GRACE."""
+        now and SIGKILL after its stop-timeout."""
         if not self.stopping:
             self.stopping, self.stop_asked = True, time.monotonic()
         if self.proc is not None and self.proc.poll() is None:
@@ -149,7 +148,7 @@ class Runner:
                     started(pid=_read_pid(init_pid))
                 timeout = 0.1 if waiting_start else None  # until the task exists, then block
                 if self.stopping and not killed:
-                    grace = self.stop_asked + STOP_GRACE - time.monotonic()
+                    grace = self.stop_asked + self.spec.stop_timeout - time.monotonic()
                     if grace <= 0:  # an init that ignores SIGTERM (PID 1 without a handler)
                         ctr.kill(self.spec.runtime, self.spec.id)
                         killed = True

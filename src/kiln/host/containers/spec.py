@@ -75,6 +75,7 @@ class Spec:
     essential: bool = False
     memory_limit: int = 0  # bytes; 0: none (workloads only)
     cpus: float = 0.0  # CFS quota in CPUs; 0: none (workloads only)
+    stop_timeout: float = 10.0  # seconds from SIGTERM to SIGKILL when stopped (a drain, a reboot)
 
     @property
     def runtime(self) -> Runtime:
@@ -91,7 +92,7 @@ class Spec:
 
     @property
     def digest(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if k != "mode"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("mode", "stop_timeout")}  # no restart for these
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -148,6 +149,7 @@ def _spec(kind: Kind, name: str, raw: dict[str, Any]) -> Spec:
                                m.get("read-only", False)) for m in raw.get("mounts") or ()),
             memory_limit=memory_bytes(raw.get("memory-limit", "")),
             cpus=float(raw.get("cpus", 0.0)),
+            stop_timeout=float(raw.get("stop-timeout", 10)),
         )
     if kind == "host":
         return Spec(kind, name, raw.get("source", ""), enabled=raw.get("enabled", False),

@@ -52,6 +52,14 @@ ContainerPath = Annotated[str, Meta(pattern=r"^/((?!\.\.?(/|$))[^/\x00\n]+/?)*$"
 # Workload memory limit: 4Mi up to 9999999Mi, or 1Gi up to 9999Gi (binary units, as Kubernetes writes them).
 MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)$")]
 Cpus = Annotated[float, Meta(ge=0.01, le=1024)]
+# The update daemon: "30s", "15m", "1h", "1d"; FleetLock group names; weekly windows.
+Interval = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,6}(s|m|h|d)$")]
+FleetGroup = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9.-]+$", max_length=253)]
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+TimeZone = Annotated[
+    str, Meta(pattern=r"^(UTC|[+-][01][0-9]:[0-5][0-9]|[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2})$", max_length=64)
+]
 UnitName = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$", max_length=256)
 ]
@@ -74,12 +82,34 @@ class Kernel(_S):
     lockdown: Literal["none", "integrity", "confidentiality"] | None = None
 
 
+class FleetLock(_S):
+    """The FleetLock server the update daemon asks before each reboot (strategy fleet-lock)."""
+
+    url: Url | None = None
+    group: FleetGroup | None = None
+
+
+class MaintenanceWindow(_S):
+    """A weekly window in which the update daemon may reboot (kiln.host.update.windows)."""
+
+    days: Annotated[list[Day], Meta(min_length=1, max_length=7)] | None = None
+    start: ClockTime | None = None
+    length_minutes: Annotated[int, Meta(ge=1, le=10080)] | None = None
+    time_zone: TimeZone | None = None
+
+
 class Updates(_S):
     metadata_base_url: Url | None = None
     targets_base_url: Url | None = None
     seed: Annotated[int, Meta(ge=0, le=2047)] | None = None
     version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)$")] | None = None
     ignore_waves: bool | None = None
+    # The update daemon (kiln-updater.service): manual = nothing automatic.
+    strategy: Literal["manual", "immediate", "fleet-lock"] | None = None
+    check_interval: Interval | None = None
+    fleet_lock: FleetLock | None = None
+    maintenance_windows: Annotated[list[MaintenanceWindow], Meta(max_length=32)] | None = None
+    max_boot_attempts: Annotated[int, Meta(ge=1, le=100)] | None = None
 
 
 class Health(_S):
@@ -127,6 +157,7 @@ class Container(_S):
     mounts: Annotated[list[Mount], Meta(max_length=64)] | None = None
     memory_limit: MemoryLimit | None = None
     cpus: Cpus | None = None
+    stop_timeout: Annotated[int, Meta(ge=1, le=300)] | None = None  # seconds from SIGTERM to SIGKILL
 
 
 class RegistryCredential(_S):
@@ -188,6 +219,10 @@ _PATTERNS = {
     LocalPath: "a path under /local (no '.' or '..' parts)",
     ContainerPath: "an absolute path (no '.' or '..' parts)",
     MemoryLimit: "a size in Mi (at least 4Mi) or Gi, e.g. 512Mi",
+    Interval: "a whole number followed by s, m, h or d (e.g. 1h)",
+    FleetGroup: "a group name (letters, digits, '.' and '-')",
+    ClockTime: "a time of day HH:MM",
+    TimeZone: "UTC, an offset such as +02:00, or a zone name such as Europe/Berlin",
 }
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.core.errors import KilnError
 from kiln.host.slot import Slots
+from kiln.host.update import failures
 from kiln.host.update.errors import Busy, NothingChosen, UpdateError
 from kiln.host.update.manifest import Choice, Host, Manifest, ManifestError, Update, Version, choose, format_time
 from kiln.host.update.status import (
@@ -34,7 +35,6 @@ from kiln.host.update.status import (
     Paths,
     Status,
     current,
-    read_failures,
     write_versions,
 )
 
@@ -83,8 +83,21 @@ class Agent:
             seed=int(self.settings.get("seed", 0)),
             version_lock=str(self.settings.get("version-lock", "latest")).removeprefix("v"),
             ignore_waves=bool(self.settings.get("ignore-waves", False)),
-            failed=frozenset(failed_versions(self.paths)),
+            **self._failures(),
         )
+
+    def _failures(self) -> dict[str, Any]:
+        """Versions not to take again here, and those to retry only later (kiln.host.update.failures)."""
+        max_attempts = int(self.settings.get("max-boot-attempts", failures.DEFAULT_MAX_BOOT_ATTEMPTS))
+        failed, retry_at = set(), {}
+        for v in failures.verdicts(failures.read(self.paths.failures), max_attempts).values():
+            with contextlib.suppress(ManifestError):
+                version = Version.parse(v.version)
+                if v.final:
+                    failed.add(version)
+                elif v.retry_at is not None:
+                    retry_at[version] = v.retry_at
+        return {"failed": frozenset(failed), "retry_at": retry_at, "max_attempts": max_attempts}
 
     def repo(self) -> TrustedRepo:
         from kiln.host.update.trust import Source, TrustedRepo
@@ -188,15 +201,6 @@ class Agent:
     def _deactivate(self, st: Status) -> None:
         self.slots.apply("cancel-upgrade")
         st.update_state = STAGED
-
-
-def failed_versions(paths: Paths) -> set[Version]:
-    """Versions the health gate or GRUB rolled back from on this host (failures.json)."""
-    out = set()
-    for e in read_failures(paths):
-        with contextlib.suppress(ManifestError):
-            out.add(Version.parse(str(e.get("version"))))
-    return out
 
 
 def _describe(u: Update) -> dict[str, str]:

@@ -50,7 +50,20 @@ class UpdateControl:
         self.launch = launch
 
     def status(self) -> dict[str, Any]:
-        return asdict(current(self.paths, self.slots().state().to_json(), self.version()))
+        doc = asdict(current(self.paths, self.slots().state().to_json(), self.version()))
+        doc["daemon"] = daemon_status(self.paths)
+        return doc
+
+    def retry(self, version: str) -> int:
+        """Forget this host's failures of `version` (they stay in the log, cleared): the
+        next check may choose it again. Returns how many failures were cleared."""
+        from kiln.host.update import failures
+
+        fd = acquire(self.paths)
+        try:
+            return failures.clear(self.paths.failures, version)
+        finally:
+            os.close(fd)
 
     def start(self, command: str) -> None:
         """Raises Busy (another command runs) or NotAllowed (not in this state)."""
@@ -70,6 +83,17 @@ class UpdateControl:
         finally:
             os.close(fd)
         return state.to_json()
+
+
+def daemon_status(paths: Paths) -> dict[str, Any] | None:
+    """What the update daemon last recorded (None: it never ran on this host)."""
+    import json
+
+    try:
+        doc = json.loads((paths.state / "daemon.json").read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _running_version() -> str:

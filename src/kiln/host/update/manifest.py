@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -239,7 +240,10 @@ class Host:
     seed: int
     version_lock: str = "latest"
     ignore_waves: bool = False
-    failed: frozenset[Version] = frozenset()  # versions that fell back on this host: not retried
+    failed: frozenset[Version] = frozenset()  # versions that failed here for good: not retried
+    # versions whose boot did not finish here (a power cut?): retried from this time
+    retry_at: Mapping[Version, datetime] = field(default_factory=dict)
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -270,12 +274,22 @@ def choose(manifest: Manifest, host: Host, now: datetime) -> Choice:
     candidates = [u for u in valid if wanted(u)]
     skipped = [u for u in candidates if u.version in host.failed]
     candidates = [u for u in candidates if u.version not in host.failed]
+    later = [u for u in candidates if host.retry_at.get(u.version, now) > now]
+    candidates = [u for u in candidates if u not in later]
     if host.version_lock != "latest":
         lock = Version.parse(host.version_lock, "settings.updates.version-lock")
         if lock == host.version:
             return Choice(None, available, f"locked to {lock} (settings.updates.version-lock), which is running")
         if not candidates:
             return Choice(None, available, f"locked to {lock} (settings.updates.version-lock), not in the repository")
+    if not candidates and later:
+        retry = host.retry_at[later[0].version]
+        return Choice(
+            None, available,
+            f"{later[0].version} did not finish booting here (a power cut, a hang?); "
+            f"retried from {format_time(retry)} (at most {host.max_attempts} attempts)",
+            ready_at=retry,
+        )
     if not candidates and skipped:
         return Choice(
             None, available, f"{skipped[0].version} failed on this host before and is not retried (last_failure)"

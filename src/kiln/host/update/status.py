@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.core.fs import atomic_write
+from kiln.host.update import failures
 from kiln.host.update.errors import NotAllowed
 
 IDLE, AVAILABLE, STAGED, READY = "Idle", "Available", "Staged", "Ready"
@@ -72,22 +73,6 @@ def read_versions(paths: Paths) -> dict[str, str]:
         return {k: v for k, v in doc.items() if k in ("A", "B") and isinstance(v, str)}
     except (FileNotFoundError, ValueError):
         return {}
-
-
-def read_failures(paths: Paths) -> list[dict[str, Any]]:
-    """The log of versions this host rolled back from (newest last; failures.json)."""
-    try:
-        entries = json.loads(paths.failures.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return []
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-
-
-def record_failure(paths: Paths, entry: dict[str, Any], keep: int = 20) -> None:
-    """Append to the failures log (bounded)."""
-    paths.state.mkdir(parents=True, exist_ok=True)
-    failures = [*read_failures(paths), entry][-keep:]
-    atomic_write(paths.failures, json.dumps(failures, indent=1).encode() + b"\n")
 
 
 def write_versions(paths: Paths, versions: dict[str, str | None]) -> None:
@@ -213,10 +198,10 @@ def reconcile(
 def current(paths: Paths, slots: dict[str, Any], running: str) -> Status:
     """The status file reconciled with the slots, the slot versions and the failures log:
     what the agent acts on and what the API reports."""
-    failures = read_failures(paths)
+    log = failures.read(paths.failures)
     st = reconcile(
         Status.load(paths.status), slots, running, read_versions(paths),
-        frozenset(str(e.get("version")) for e in failures),
+        frozenset(failures.verdicts(log)),
     )
-    st.last_failure = failures[-1] if failures else None
+    st.last_failure = log[-1] if log else None
     return st

@@ -1,0 +1,1 @@
+"""Fleet coordination on the workstation side: `kiln fleet serve` (FleetLock over etcd)."""
