@@ -39,7 +39,7 @@ def fleet_server_thread(endpoints: list[str], config: FleetConfig | None = None,
     """`kiln fleet serve`'s server in a thread of this process; yields its base URL."""
     locks = locks or FleetLocks(Etcd(endpoints), config or FleetConfig())
     server = FleetServer(("127.0.0.1", 0), FleetLockService(locks))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

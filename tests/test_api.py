@@ -559,13 +559,17 @@ def test_commit_and_apply_renders_under_render_root(call: Caller, host: ApiHost)
 def test_apply_everything_and_by_keys(call: Caller, host: ApiHost) -> None:
     everything = call.ok("POST", "/tx/apply")
     assert everything["services"] == [
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl"]
+        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"]
     assert "/etc/hostname" not in everything["written"]  # requires network.hostname, which is unset
     assert (host.render_root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text().endswith(
         "NTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org\n")
     sysctl = (host.render_root / "etc/sysctl.d/80-kiln.conf").read_text()
     assert "net.ipv4.ip_forward = 1\n" in sysctl
     assert (host.render_root / "etc/kiln/api-remote.json").read_text().strip() == ""  # no TLS material
+    assert (host.render_root / "etc/kiln/updater").read_text().strip() == ""  # strategy manual: no daemon
+    call.ok("PATCH", "/settings?tx=u", {"updates": {"strategy": "fleet-lock"}})
+    call.ok("POST", "/tx/commit_and_apply?tx=u")
+    assert (host.render_root / "etc/kiln/updater").read_text().strip() == "fleet-lock"
     (host.render_root / "etc/motd").unlink()
     one = call.ok("POST", "/tx/apply?keys=" + urllib.parse.quote('settings.kernel.sysctl."net.ipv4.ip_forward",motd'))
     assert one["services"] == ["motd", "sysctl"]
@@ -640,12 +644,13 @@ def test_metadata(call: Caller) -> None:
     by_key = call.ok("GET", "/metadata/affected-services?keys=" + urllib.parse.quote(
         'motd,settings.network,kernel.sysctl."net.ipv4.ip_forward",updates'))
     assert by_key == {"settings.motd": ["motd"], "settings.network": ["hostname"],
-                      'settings.kernel.sysctl."net.ipv4.ip_forward"': ["sysctl"], "settings.updates": []}
+                      'settings.kernel.sysctl."net.ipv4.ip_forward"': ["sysctl"], "settings.updates": ["updater"]}
     generators = call.ok("GET", "/metadata/setting-generators")
     assert set(generators) == {"settings.network.hostname", "settings.updates.seed"}
     assert "/dev/urandom" in generators["settings.updates.seed"]
     templates = call.ok("GET", "/metadata/templates")
-    assert templates == {n: n for n in ("api-remote", "hostname", "hosts", "lockdown", "motd", "sysctl", "timesyncd")}
+    assert templates == {n: n for n in ("api-remote", "hostname", "hosts", "lockdown", "motd", "sysctl", "timesyncd",
+                                        "updater")}
     assert call.ok("GET", "/metadata/templates?keys=network.hostname,ntp") == {
         "settings.network.hostname": ["hostname", "hosts"], "settings.ntp": ["timesyncd"]}
 
@@ -653,7 +658,7 @@ def test_metadata(call: Caller) -> None:
 def test_services_and_configuration_files(call: Caller) -> None:
     services = call.ok("GET", "/services")
     assert set(services) == {
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl"}
+        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"}
     assert services["hostname"]["configuration-files"] == ["hostname", "hosts"]
     assert call.ok("GET", "/services?names=motd") == {"motd": {"configuration-files": ["motd"],
                                                                 "restart-commands": []}}

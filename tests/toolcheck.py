@@ -120,7 +120,10 @@ def base_packages(packages: Iterable[str]) -> set[str]:
 
 
 def _ignored(path: str) -> bool:
-    """Python itself (the venv's interpreter and scripts) and files the tests wrote."""
+    """Python itself (the venv's interpreter and scripts), files the tests wrote, and
+    programs run from memory (/proc/self/fd/N: the migrator's sealed memfd)."""
+    if path.startswith("/proc/"):
+        return True
     real = os.path.realpath(path)
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, tempfile.gettempdir(), str(ROOT)}
     return any(real.startswith(r.rstrip("/") + "/") or path.startswith(r.rstrip("/") + "/") for r in roots)
