@@ -138,7 +138,8 @@ def test_quorum_lost_nobody_reboots_until_it_is_back(
     fleet = agents(30, [servers[0].url], tmp_path)
     threads = launch(fleet, 300)
     wait_for(lambda: updated(fleet) >= 6, "the rollout to start", 60)
-    down = [m for m in cluster.members if m is not cluster.leader()][:1] + [cluster.leader()]
+    leader = cluster.leader()
+    down = [next(m for m in cluster.members if m is not leader), leader]
     for m in down:
         cluster.kill(m)
     settled = time.monotonic() + 1.0  # a reboot already granted may still be on its way

@@ -214,7 +214,8 @@ def test_fleet_lock_without_a_url_says_so(tmp_path: Path) -> None:
     u.start()
     u.step()
     assert not host.rebooted.is_set()
-    assert u.state.reason == "cannot run: settings.updates.fleet-lock.url is not set (strategy fleet-lock needs a server)"
+    assert u.state.reason == ("cannot run: settings.updates.fleet-lock.url is not set "
+                              "(strategy fleet-lock needs a server)")
 
 
 # --- windows and the lock combine --------------------------------------------------------

@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KilnError(str(e), hint="is the etcd cluster up? (see the README: a 3-member cluster)") from None
 
     def ready(server: FleetServer) -> None:
-        host, port = server.server_address[:2]
+        host, port = str(server.server_address[0]), int(server.server_address[1])
         if args.json:
             print(json.dumps({"address": host, "port": port, "etcd": args.etcd}), flush=True)
         else:

@@ -150,6 +150,7 @@ class Vm:
         self._stopping = False  # set by kill(): no relaunch after a reset from then on
         self._launched_at = 0  # buffer offset where the current QEMU's output starts
         self.relaunches = 0
+        self.stamps: list[tuple[int, float]] = []  # (buffer offset, monotonic time) of each chunk read
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Vm:
@@ -211,6 +212,7 @@ class Vm:
                         self.echo.write(text)
                         self.echo.flush()
                     with self._cond:
+                        self.stamps.append((len(self._buf), time.monotonic()))
                         self._buf += text
                         self._cond.notify_all()
                 if not self._relaunch_after_reset():
@@ -260,6 +262,15 @@ class Vm:
     def output(self) -> str:
         with self._cond:
             return self._buf
+
+    def time_at(self, offset: int) -> float:
+        """When the serial output at `offset` arrived (monotonic seconds): the console's
+        timestamps, taken on this side."""
+        import bisect
+
+        with self._cond:
+            i = bisect.bisect_right(self.stamps, (offset, float("inf"))) - 1
+            return self.stamps[max(i, 0)][1] if self.stamps else 0.0
 
     def mark(self) -> int:
         """Only output after this point counts for the next wait_for."""

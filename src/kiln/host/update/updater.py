@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.core.errors import KilnError
+from kiln.host.boot.console import say
 from kiln.host.update import failures
 from kiln.host.update.daemon import Updater
 from kiln.host.update.status import Paths
@@ -106,7 +107,7 @@ class RealHost:
         for pattern in ("kiln-container@workload:*", "kiln-container@host:*"):
             units = self._units(pattern)
             if units:
-                print(f"kiln-updater: draining {' '.join(units)}", flush=True)
+                say(f"kiln-updater: draining: stopping {' '.join(units)}")
                 run([SYSTEMCTL, "stop", *units], timeout=DRAIN_TIMEOUT)
                 self._drained += units
 
@@ -120,7 +121,7 @@ class RealHost:
     def reboot(self) -> None:
         from kiln.core.run import run
 
-        print("kiln-updater: rebooting into the new version", flush=True)
+        say("kiln-updater: rebooting into the new version")
         run([SYSTEMCTL, "reboot"], timeout=60)
 
 
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGHUP, on_hup)
     updater.start()
-    print(f"kiln-updater: id {ident}, strategy {updater.state.strategy}, {updater.state.phase}", flush=True)
-    said = ""
+    reason = f": {updater.state.reason}" if updater.state.reason else ""
+    say(f"kiln-updater: id {ident}, {updater.state.phase}{reason}")
+    said, phase = "", updater.state.phase
     while True:
         try:
             nxt = updater.step()
@@ -148,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kiln-updater: {e}", file=sys.stderr, flush=True)
             nxt = datetime.now(UTC) + timedelta(minutes=1)
         now_saying = f"{updater.state.phase}: {updater.state.reason}"
-        if now_saying != said:  # the journal gets changes, not every pass
+        if updater.state.phase != phase:  # the console gets phase changes, the journal every change
+            say(f"kiln-updater: {now_saying}")
+        elif now_saying != said:
             print(f"kiln-updater: {now_saying}", flush=True)
-            said = now_saying
+        said, phase = now_saying, updater.state.phase
         wake.wait(max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
         wake.clear()
 
