@@ -40,6 +40,7 @@ class UpdateRepo:
 
     path: Path
     port: int
+    pristine: Path  # a copy made right after `init`: the same keys, no release published
 
     @property
     def guest_url(self) -> str:
@@ -70,12 +71,16 @@ class Images:
 
 @pytest.fixture(scope="session")
 def update_repo(tmp_path_factory: pytest.TempPathFactory) -> UpdateRepo:
+    import shutil
+
     from kiln.repo import admin
     from kiln.vm.qemu import free_port
 
     path = tmp_path_factory.mktemp("update-repo") / "repo"
     admin.init(path)
-    return UpdateRepo(path, free_port())
+    pristine = path.with_name("pristine")
+    shutil.copytree(path, pristine)
+    return UpdateRepo(path, free_port(), pristine)
 
 
 @pytest.fixture(scope="session")

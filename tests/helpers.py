@@ -106,3 +106,36 @@ def small_disk(path: Path, *, root_mib: int = 8) -> Path:
     disk.assemble(path, v, "small", images)
     subprocess.run(["rm", "-rf", str(work)], check=True)
     return path
+
+
+class Health:
+    """The HTTP health check the hosts are configured with (settings.health.http-check),
+    answered on the host's loopback; the test decides whether it passes."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.ok = True
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(200 if outer.ok else 503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -21,6 +21,7 @@ from kiln.repo import publish
 from kiln.repo.serve import RepoServer
 from kiln.vm.qemu import Forward, Vm, free_port, qmp
 from tests.conftest import Images, UpdateRepo, raw_copy
+from tests.helpers import Health
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
@@ -137,39 +138,6 @@ class PowerCuts:
         bad = [(name, got, expect) for name, got, expect in results if got not in expect]
         assert not bad, f"booted the wrong version after a power cut: {bad}"
         assert len(results) == 10
-
-
-class Health:
-    """The HTTP health check the hosts are configured with (settings.health.http-check),
-    answered on the host's loopback; the test decides whether it passes."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.ok = True
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200 if outer.ok else 503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
