@@ -197,7 +197,10 @@ timeout = 20
     assert vm.wait_ready(300).group(1, 3) == ("2.0.0", "B")
     assert setting(vm, "motd") == {"motd": "Welcome to Kiln 2!"}
 
-    # --- a 3.0.0 whose kernel panics: back on 2.0.0 by itself, and the API says so
+    # --- a 3.0.0 whose kernel panics: back on 2.0.0 by itself, and the API says so. A boot
+    # that never finished is ambiguous (a power cut looks the same) and retried up to
+    # max-boot-attempts; with 1, this one failure is final.
+    vm.check("kiln settings set updates.max-boot-attempts=1")
     publish.add(served.path, republish_panicking(v2.manifest.parent, "3.0.0", tmp_path / "v3"), waves="none")
     vm.check("kiln update apply --reboot", timeout=900)
     vm.wait_for(r"Kernel panic", 300)
@@ -205,8 +208,13 @@ timeout = 20
     assert "kiln: update to 3.0.0 failed (did not finish booting" in vm.output
     failure = status(vm)["last_failure"]
     assert failure["version"] == "3.0.0" and "did not finish booting" in failure["reason"]
+    assert failure["kind"] == "ambiguous"
     again = json.loads(vm.check("kiln update check --json", timeout=240))
     assert again["update_state"] == "Idle" and "3.0.0 failed on this host before" in again["reason"]
+    # an operator clears it: the next check chooses it again
+    assert "1 failure(s) cleared" in vm.check("kiln update retry 3.0.0")
+    again = json.loads(vm.check("kiln update check --json", timeout=240))
+    assert again["chosen_update"]["version"] == "3.0.0" and again["last_failure"]["cleared"] is True
 
     # --- a 3.1.0 that boots but fails its health check: back on 2.0.0, the API says why
     publish.add(served.path, v31.manifest.parent, waves="none")
@@ -229,3 +237,15 @@ timeout = 20
 
     # --- every disk captured during the v1 -> v2 update boots ready on a valid version
     cuts.boot_all(boot)
+
+    # --- a power cut is not a bad release: the disk cut during 2.0.0's first boot came up
+    # on 1.0.0 with an ambiguous failure; the next cycle takes 2.0.0 again, and it boots
+    (name, copy, _) = next(c for c in cuts.cuts if c[0] == "first boot of 2.0.0, its try spent")
+    vm = boot(copy, overlay=True, cpus=2)
+    assert vm.wait_ready(420).group(1, 3) == ("1.0.0", "A")
+    st = status(vm)
+    assert st["last_failure"]["version"] == "2.0.0" and st["last_failure"]["kind"] == "ambiguous"
+    retry = json.loads(vm.check("kiln update check --json", timeout=240))
+    assert retry["chosen_update"]["version"] == "2.0.0", retry["reason"]
+    vm.check("kiln update apply --reboot", timeout=900)
+    assert vm.wait_ready(420).group(1, 3) == ("2.0.0", "B"), name
