@@ -56,6 +56,7 @@ bench: setup
 	$(SUDO) $(PY) bench/guest_api.py
 	$(SUDO) $(PY) bench/update.py
 	$(SUDO) $(PY) bench/containers.py
+	$(SUDO) $(PY) bench/fleet.py --guest
 
 clean:
 	rm -rf build
