@@ -140,9 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGHUP, on_hup)
     updater.start()
-    reason = f": {updater.state.reason}" if updater.state.reason else ""
-    say(f"kiln-updater: id {ident}, {updater.state.phase}{reason}")
-    said, phase = "", updater.state.phase
+    say(f"kiln-updater: id {ident}, strategy {updater.state.strategy}")
+    said, phase = "", ""  # the first pass's phase always reaches the console
     while True:
         try:
             nxt = updater.step()
