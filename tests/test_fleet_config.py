@@ -47,5 +47,5 @@ def test_bad_configuration_names_the_key(tmp_path: Path, text: str, message: str
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(KilnError, match="fleet.toml: cannot read"):
+    with pytest.raises(KilnError, match=r"fleet\.toml: cannot read"):
         FleetConfig.load(tmp_path / "fleet.toml")
