@@ -28,7 +28,8 @@ from tests.registry import OciRegistry
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
-# A workload that says when it is asked to stop: its log is on /local, so it outlives the reboot.
+# A workload that says when it is asked to stop: its log (/local/victim/victim on the host)
+# outlives the reboot.
 VICTIM = ("trap 'echo got SIGTERM >> /log/victim; exit 0' TERM; echo started >> /log/victim; "
           "while :; do sleep 1; done")
 
@@ -134,7 +135,7 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
     assert spans[0][1] < spans[1][0], f"both hosts were down at once: {spans}"
     for vm in vms:
         vm.wait_for(r"kiln-updater: idle: updated to 2\.0\.0", 300)
-        log = vm.check("cat /local/victim/log")
+        log = vm.check("cat /local/victim/victim")
         assert "got SIGTERM" in log, f"the workload was not asked to stop before the reboot: {log!r}"
     group = fleet_status(server.url)
     assert group["holders"] == [] and group["slots"] == 1
