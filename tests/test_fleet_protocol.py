@@ -271,3 +271,19 @@ def test_a_silent_holder_expires_only_with_stale_after(etcd: EtcdCluster, group:
         lock(url, "silent", other)
         clock[0] += timedelta(days=30)
         assert lock(url, "other", other)[0] == 423
+
+
+def test_a_corrupt_semaphore_in_etcd_is_an_internal_error_and_is_left_alone(server: str, etcd: EtcdCluster,
+                                                                            group: str) -> None:
+    Etcd(etcd.endpoints).put(key(group), b"{not json")
+    status, doc = lock(server, "a", group)
+    assert (status, doc["kind"]) == (500, "internal_error")
+    assert Etcd(etcd.endpoints).get(key(group)).value == b"{not json"
+
+
+def test_lost_races_give_up_with_contended(server: str, group: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.fleet import locks
+
+    monkeypatch.setattr(locks, "MAX_RACES", 0)  # as if every compare-and-swap had lost
+    status, doc = lock(server, "a", group)
+    assert (status, doc["kind"]) == (503, "contended")
