@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -35,14 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def fleet_server_thread(endpoints: list[str], config: FleetConfig | None = None,
-                        locks: FleetLocks | None = None) -> Iterator[str]:
+                        locks: FleetLocks | None = None, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """`kiln fleet serve`'s server in a thread of this process; yields its base URL."""
     locks = locks or FleetLocks(Etcd(endpoints), config or FleetConfig())
-    server = FleetServer(("127.0.0.1", 0), FleetLockService(locks))
+    server = FleetServer(("127.0.0.1", 0), FleetLockService(locks), tls)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

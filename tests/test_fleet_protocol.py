@@ -10,6 +10,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,3 +288,37 @@ def test_lost_races_give_up_with_contended(server: str, group: str, monkeypatch:
     monkeypatch.setattr(locks, "MAX_RACES", 0)  # as if every compare-and-swap had lost
     status, doc = lock(server, "a", group)
     assert (status, doc["kind"]) == (503, "contended")
+
+
+def test_https_with_the_fleet_pki(etcd: EtcdCluster, group: str, tmp_path: Path) -> None:
+    """The fleet's own CA (kiln pki): hosts check the server with settings.updates.fleet-lock.ca;
+    with --client-ca, only holders of a client certificate from it get an answer."""
+    import subprocess
+    import sys
+
+    from kiln import pki
+    from kiln.fleet.server import tls_context
+    from kiln.host.update.fleetlock import FleetLockClient, LockUnreachable
+
+    d = tmp_path / "pki"
+    pki.init(d, sans=["127.0.0.1"])
+    ca = (d / "ca.crt").read_text()
+    with fleet_server_thread(etcd.endpoints, tls=tls_context(str(d / "node.crt"), str(d / "node.key"))) as url:
+        assert url.startswith("https://")
+        assert FleetLockClient(url, "a", group, ca=ca).pre_reboot()["kind"] == "granted"
+        with pytest.raises(LockUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+            FleetLockClient(url, "b", group).pre_reboot()  # the system's CAs do not know the fleet's
+        with pytest.raises(LockUnreachable):
+            FleetLockClient(url.replace("https", "http"), "b", group).pre_reboot()
+    mutual = tls_context(str(d / "node.crt"), str(d / "node.key"), str(d / "ca.crt"))
+    with fleet_server_thread(etcd.endpoints, tls=mutual) as url:
+        with pytest.raises(LockUnreachable):
+            FleetLockClient(url, "b", group, ca=ca).pre_reboot()  # no client certificate
+        cert, key_ = d / "clients" / "admin.crt", d / "clients" / "admin.key"
+        cli = [sys.executable, "-m", "kiln.cli.main", "fleet", "status", "--server", url, "--ca", str(d / "ca.crt")]
+        ok = subprocess.run([*cli, "--cert", str(cert), "--key", str(key_), "--json"], capture_output=True, text=True,
+                            timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert any(g["group"] == group for g in json.loads(ok.stdout)["groups"])
+        refused = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "cannot reach the fleet server" in refused.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -34,12 +35,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--etcd-ca", help="CA certificate of the etcd members (https endpoints)")
     serve.add_argument("--etcd-cert", help="client certificate for etcd")
     serve.add_argument("--etcd-key", help="client key for etcd")
+    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM), e.g. a `kiln pki` node.crt")
+    serve.add_argument("--tls-key", help="its private key")
+    serve.add_argument("--client-ca", help="with --tls-cert: require client certificates signed by this CA")
     serve.add_argument("--json", action="store_true", help="print the listening address as JSON once ready")
     serve.set_defaults(func=cmd_serve)
 
     status = fsub.add_parser("status", help="groups, slots, holders (since when, what failed) and events")
     status.add_argument("--server", default=DEFAULT_SERVER, help=f"the fleet server (default {DEFAULT_SERVER})")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _tls_options(status)
     status.set_defaults(func=cmd_status)
 
     release = fsub.add_parser("release", help="free a host's reboot slot (after a failed release, or a dead host)")
@@ -47,15 +52,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--group", required=True, help="its group")
     release.add_argument("--server", default=DEFAULT_SERVER, help=f"the fleet server (default {DEFAULT_SERVER})")
     release.add_argument("--json", action="store_true", help="machine-readable output")
+    _tls_options(release)
     release.set_defaults(func=cmd_release)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca", help="an https server: the CA its certificate is checked against")
+    p.add_argument("--cert", help="a client certificate, for a server started with --client-ca")
+    p.add_argument("--key", help="its key")
+
+
+def _context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.server.startswith("https://"):
+        return None
+    ctx = ssl.create_default_context(cafile=args.ca)
+    try:
+        if args.cert:
+            ctx.load_cert_chain(args.cert, args.key)
+    except (ssl.SSLError, OSError) as e:
+        raise KilnError(f"--cert {args.cert} / --key {args.key}: {e}") from None
+    return ctx
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from kiln.fleet.config import FleetConfig
     from kiln.fleet.etcd import Etcd, EtcdUnavailable, Tls
     from kiln.fleet.locks import FleetLocks
-    from kiln.fleet.server import FleetServer, serve
+    from kiln.fleet.server import FleetServer, serve, tls_context
 
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.client_ca and not args.tls_cert):
+        raise KilnError("--tls-cert and --tls-key go together (and --client-ca needs them)")
+    tls = tls_context(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
     config = FleetConfig.load(args.config)
     etcd = Etcd(args.etcd, tls=Tls(args.etcd_ca, args.etcd_cert, args.etcd_key))
     try:
@@ -65,25 +92,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(server: FleetServer) -> None:
         host, port = str(server.server_address[0]), int(server.server_address[1])
+        scheme = "https" if tls else "http"
         if args.json:
-            print(json.dumps({"address": host, "port": port, "etcd": args.etcd}), flush=True)
+            print(json.dumps({"address": host, "port": port, "scheme": scheme, "etcd": args.etcd}), flush=True)
         else:
-            print(f"kiln fleet: FleetLock on http://{host}:{port}/ (etcd: {', '.join(args.etcd)})", flush=True)
+            print(f"kiln fleet: FleetLock on {scheme}://{host}:{port}/ (etcd: {', '.join(args.etcd)})", flush=True)
 
     try:
-        serve((args.address, args.port), FleetLocks(etcd, config), ready)
+        serve((args.address, args.port), FleetLocks(etcd, config), ready, tls)
     except OSError as e:
         raise KilnError(f"cannot listen on {args.address}:{args.port}: {e.strerror}") from None
     return 0
 
 
-def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None,
+          tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     req = urllib.request.Request(
         server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body is not None else None,
         headers={"fleet-lock-protocol": "true", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=15) as r:
+        with urllib.request.urlopen(req, timeout=15, context=tls) as r:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
     except urllib.error.HTTPError as e:
@@ -113,13 +142,14 @@ def describe(status: dict[str, Any]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _call(args.server, "GET", "/v1/status")
+    status = _call(args.server, "GET", "/v1/status", tls=_context(args))
     print(json.dumps(status, indent=2) if args.json else "\n".join(describe(status)))
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    answer = _call(args.server, "POST", "/v1/release", {"client_params": {"id": args.id, "group": args.group}})
+    answer = _call(args.server, "POST", "/v1/release", {"client_params": {"id": args.id, "group": args.group}},
+                   tls=_context(args))
     if args.json:
         print(json.dumps(answer, indent=2))
     elif answer.get("kind") == "not-held":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import Counter
@@ -251,18 +252,50 @@ def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
 class FleetServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
+    HANDSHAKE_TIMEOUT = 10.0
 
-    def __init__(self, address: tuple[str, int], service: FleetLockService) -> None:
+    def __init__(self, address: tuple[str, int], service: FleetLockService,
+                 tls: ssl.SSLContext | None = None) -> None:
         if ":" in address[0]:
             import socket
 
             self.address_family = socket.AF_INET6
         super().__init__(address, make_handler(service))
         self.service = service
+        self.tls = tls
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake happens here, in the connection's own thread (a slow
+        client never holds up accept), with a deadline."""
+        if self.tls is not None:
+            request.settimeout(self.HANDSHAKE_TIMEOUT)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                log.debug("fleet: TLS handshake with %s failed: %s", client_address, e)
+                return
+        super().finish_request(request, client_address)
 
 
-def serve(address: tuple[str, int], locks: FleetLocks, ready: Callable[[FleetServer], None] | None = None) -> None:
-    server = FleetServer(address, FleetLockService(locks))
+def tls_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """HTTPS for `kiln fleet serve`; with `client_ca`, only clients with a certificate it signed."""
+    from kiln.core.errors import KilnError
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=client_ca)
+    except (ssl.SSLError, OSError) as e:
+        raise KilnError(f"fleet server TLS: {cert}, {key}{', ' + client_ca if client_ca else ''}: {e}") from None
+    return ctx
+
+
+def serve(address: tuple[str, int], locks: FleetLocks, ready: Callable[[FleetServer], None] | None = None,
+          tls: ssl.SSLContext | None = None) -> None:
+    server = FleetServer(address, FleetLockService(locks), tls)
     if ready:
         ready(server)
     try:

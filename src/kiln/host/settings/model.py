@@ -87,6 +87,7 @@ class FleetLock(_S):
 
     url: Url | None = None
     group: FleetGroup | None = None
+    ca: Pem | None = None  # an https server's certificate must chain to this CA
 
 
 class MaintenanceWindow(_S):

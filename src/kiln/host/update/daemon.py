@@ -76,6 +76,7 @@ class Policy:
     interval: timedelta = DEFAULT_INTERVAL
     url: str | None = None
     group: str = "default"
+    ca: str | None = None
     windows: tuple[windows.Window, ...] = ()
     max_attempts: int = DEFAULT_MAX_BOOT_ATTEMPTS
 
@@ -95,6 +96,7 @@ class Policy:
             interval=windows.parse_interval(str(updates.get("check-interval", "1h"))),
             url=lock.get("url"),
             group=str(lock.get("group", "default")),
+            ca=lock.get("ca"),
             windows=wins,
             max_attempts=int(updates.get("max-boot-attempts", DEFAULT_MAX_BOOT_ATTEMPTS)),
         )
@@ -189,7 +191,7 @@ class Updater:
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rng: random.Random = field(default_factory=random.Random)
     client_factory: Callable[[Policy, str], FleetLockClient] = field(
-        default=lambda p, node: FleetLockClient(str(p.url), node, p.group))
+        default=lambda p, node: FleetLockClient(str(p.url), node, p.group, ca=p.ca))
     state: DaemonState = field(init=False)
 
     def __post_init__(self) -> None:

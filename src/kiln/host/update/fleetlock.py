@@ -11,6 +11,7 @@ Stdlib only (it runs in the image).
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ class FleetLockClient:
     id: str
     group: str = "default"
     timeout: float = TIMEOUT
+    ca: str | None = None  # PEM the server's certificate must chain to (https); None: the system's
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.url.startswith("https://"):
+            return None
+        ctx = ssl.create_default_context(cadata=self.ca) if self.ca else ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
 
     def _post(self, endpoint: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {"client_params": {"id": self.id, "group": self.group}, **(extra or {})}
@@ -55,7 +64,7 @@ class FleetLockClient:
             headers={"fleet-lock-protocol": "true", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # a URL from validated settings
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._tls()) as r:  # validated settings
                 data = r.read(64 * 1024)
         except urllib.error.HTTPError as e:
             doc = _json(e.read(64 * 1024))
