@@ -280,6 +280,10 @@ def test_a_corrupt_semaphore_in_etcd_is_an_internal_error_and_is_left_alone(serv
     status, doc = lock(server, "a", group)
     assert (status, doc["kind"]) == (500, "internal_error")
     assert Etcd(etcd.endpoints).get(key(group)).value == b"{not json"
+    status, st, _ = call(server, "GET", "/v1/status")  # the other groups are still shown
+    assert status == 200 and {"group": group, "error": f"the semaphore in etcd ({key(group)}) is unreadable: "
+                                                       "JSONDecodeError"} in st["groups"]
+    assert call(server, "GET", "/metrics")[0] == 200
 
 
 def test_lost_races_give_up_with_contended(server: str, group: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,9 @@ def _call(server: str, method: str, path: str, body: dict[str, Any] | None = Non
 def describe(status: dict[str, Any]) -> list[str]:
     lines = [f"fleet at {status.get('time')}"]
     for g in status.get("groups", []):
+        if "error" in g:
+            lines.append(f"group {g['group']}: {g['error']}")
+            continue
         halted = "  HALTED: a release failed on every slot holder" if g.get("halted") else ""
         lines.append(f"group {g['group']}: {len(g['holders'])}/{g['slots']} slots held{halted}")
         for h in g["holders"]:

@@ -66,16 +66,22 @@ class FleetLocks:
         new, _ = self._change(group, lambda s, now: (sem.report(s, host, now, version=version, failure=failure), None))
         return new
 
-    def groups(self) -> dict[str, sem.Semaphore]:
-        """Every group with a semaphore in etcd, and every configured one."""
-        out = {name: sem.Semaphore(cfg.slots) for name, cfg in self.config.groups.items()}
+    def groups(self) -> dict[str, sem.Semaphore | str]:
+        """Every group with a semaphore in etcd, and every configured one; for a document
+        that does not parse, what is wrong with it (the other groups are still shown)."""
+        out: dict[str, sem.Semaphore | str] = {n: sem.Semaphore(cfg.slots) for n, cfg in self.config.groups.items()}
         now = self.now()
         for k, entry in self.etcd.get_prefix(PREFIX).items():
             name = k.removeprefix(PREFIX).removesuffix("/semaphore")
             cfg = self.config.group(name)
-            out[name] = sem.expire(sem.Semaphore.from_bytes(entry.value, cfg.slots), cfg.stale_after, now)
+            try:
+                out[name] = sem.expire(sem.Semaphore.from_bytes(entry.value, cfg.slots), cfg.stale_after, now)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                out[name] = f"the semaphore in etcd ({key(name)}) is unreadable: {type(e).__name__}"
         return out
 
     def status(self) -> dict[str, Any]:
         now = self.now()
-        return {"time": sem.stamp(now), "groups": [sem.summary(s, g, now) for g, s in sorted(self.groups().items())]}
+        groups = [sem.summary(s, g, now) if isinstance(s, sem.Semaphore) else {"group": g, "error": s}
+                  for g, s in sorted(self.groups().items())]
+        return {"time": sem.stamp(now), "groups": groups}

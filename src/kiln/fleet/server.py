@@ -130,6 +130,8 @@ class Metrics:
         for name, what in (("slots", "slots"), ("holders", "holders"), ("failed", "failed holders")):
             lines += [f"# HELP kiln_fleet_{name} Reboot {what} per group.", f"# TYPE kiln_fleet_{name} gauge"]
             for g in status["groups"]:
+                if "error" in g:
+                    continue
                 value = {"slots": g["slots"], "holders": len(g["holders"]),
                          "failed": sum(1 for h in g["holders"] if h["failure"])}[name]
                 lines.append(f'kiln_fleet_{name}{{group="{g["group"]}"}} {value}')
@@ -231,7 +233,11 @@ def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path not in GET_PATHS:
                 return self._not_here("GET")
-            status, ctype, body = service.get(self.path)
+            try:
+                status, ctype, body = service.get(self.path)
+            except Exception:
+                log.exception("fleet: %s failed", self.path)
+                return self._json(500, {"kind": "internal_error", "value": "the server failed; see its log"})
             self._send(status, ctype, body)
 
         def _not_here(self, method: str) -> None:
