@@ -229,6 +229,7 @@ class Updater:
             p = Policy.from_settings(self.host.settings())
         except ValueError:
             p = Policy()
+        st.strategy = p.strategy.value
         if st.phase in (Phase.REBOOTING, Phase.CONFIRMING) and st.target:
             if st.target == running:
                 st.phase = Phase.CONFIRMING
