@@ -75,8 +75,18 @@ def fleet_status(url: str) -> dict[str, Any]:
     return dict(group)
 
 
+def guest_json(vm: Vm, command: str) -> dict[str, Any]:
+    """`command`'s JSON, printed on one line: the daemon's console messages may come between
+    the shell's lines (they share the serial console), never inside one."""
+    compact = "python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))'"
+    out = vm.check(f"{command} | {compact}", timeout=120)
+    line = next(x for x in out.splitlines() if x.startswith("{"))
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
 def daemon(vm: Vm) -> dict[str, Any]:
-    d: dict[str, Any] = json.loads(vm.check("kiln update status --json", timeout=120))["daemon"]
+    d: dict[str, Any] = guest_json(vm, "kiln update status --json")["daemon"]
     return d
 
 
@@ -135,7 +145,7 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
     assert spans[0][1] < spans[1][0], f"both hosts were down at once: {spans}"
     for vm in vms:
         vm.wait_for(r"kiln-updater: idle: updated to 2\.0\.0", 300)
-        log = vm.check("cat /local/victim/victim")
+        log = vm.check("cat /local/victim/victim")  # a daemon line in between does not matter here
         assert "got SIGTERM" in log, f"the workload was not asked to stop before the reboot: {log!r}"
     group = fleet_status(server.url)
     assert group["holders"] == [] and group["slots"] == 1
@@ -155,7 +165,7 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
     assert group["halted"] and "health gate failed" in holder["failure"] and holder["version"] == "2.0.0"
     d = daemon(first)
     assert (d["phase"], d["lock"]) == ("failed", "held")
-    st = json.loads(first.check("kiln update status --json", timeout=120))
+    st = guest_json(first, "kiln update status --json")
     assert st["last_failure"]["version"] == "3.1.0" and st["last_failure"]["kind"] == "definite"
     # the other host has 3.1.0 staged and waits for the slot, for as long as it is held
     other.wait_for(r"kiln-updater: waiting-for-lock", 600)
