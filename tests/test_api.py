@@ -456,11 +456,6 @@ def test_invalid_transaction_names_are_400_everywhere(call: Caller, tx: str) -> 
     call.refused("POST", "/tx/commit_and_apply" + q, status=400, path="tx")
 
 
-def test_empty_tx_parameter_is_the_default_transaction(call: Caller) -> None:
-    call.ok("PATCH", "/settings?tx=", {"motd": "x"})
-    assert call.ok("GET", "/tx") == {"motd": "x"}
-
-
 @pytest.mark.parametrize(
     ("body", "path", "detail"),
     [
@@ -701,6 +696,24 @@ def test_wrong_method_is_405(call: Caller, host: ApiHost, method: str, target: s
         assert send(host.socket, method, target)[0] == 405
         return
     call.refused(method, target, status=405, detail=f"{method} is not allowed")
+
+
+def test_405_names_the_allowed_methods(host: ApiHost) -> None:
+    """RFC 9110 15.5.6: a 405 carries Allow."""
+    answer = raw_exchange(host.socket, b"PUT /settings HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("HTTP/1.1 405") and "\r\nAllow: DELETE, GET, PATCH\r\n" in head, head
+    answer = raw_exchange(host.socket, b"GET /actions/reboot HTTP/1.1\r\n\r\n")
+    assert b"\r\nAllow: POST\r\n" in answer
+
+
+@pytest.mark.parametrize(("method", "target"), [("DELETE", "/tx?tx="), ("GET", "/tx?tx="), ("PATCH", "/settings?tx="),
+                                                 ("POST", "/tx/commit?tx="), ("POST", "/tx/commit_and_apply?tx=")])
+def test_an_empty_tx_name_is_refused_not_the_default(call: Caller, host: ApiHost, method: str, target: str) -> None:
+    call.ok("PATCH", "/settings", {"motd": "pending in default"})
+    call.refused(method, target, {"motd": "x"} if method == "PATCH" else None, status=400, path="tx",
+                 detail="names no transaction")
+    assert call.ok("GET", "/tx") == {"motd": "pending in default"}  # still there
 
 
 @pytest.mark.parametrize("target", ["/", "/nope", "/settings/", "/Settings", "/settings/motd", "/tx/list/x",

@@ -265,6 +265,8 @@ GARBAGE = [
     b'PATCH /settings HTTP/1.1\r\nContent-Length: 14\r\n\r\n{"motd": "ok"}',  # whole, after all the rest
     b"PATCH /settings HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
     b"PATCH /settings HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    "PATCH /settings HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n{}".encode(),  # a digit to isdigit(), not to int()
+    "PATCH /settings HTTP/1.1\r\nContent-Length: \u0662\r\n\r\n{}".encode(),  # Arabic-Indic two
     b"PATCH /settings HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     b"PATCH /settings HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"POST /tx/commit HTTP/1.1\r\nContent-Length: 0\r\n\r\nGET /settings HTTP/1.1\r\n\r\nBOGUS\r\n\r\n",  # pipelined

@@ -74,7 +74,8 @@ def test_settings_get_keys_and_prefix(kiln: Run) -> None:
     assert out.splitlines() == ['settings.motd = "Welcome to Kiln!"',  # in the order asked for
                                 'settings.kernel.sysctl."net.ipv4.ip_forward" = "1"']
     assert kiln.json("settings", "get", "--prefix", "settings.upd") == {
-        "updates": {"ignore-waves": False, "version-lock": "latest"}}
+        "updates": {"ignore-waves": False, "version-lock": "latest", "strategy": "manual", "check-interval": "1h",
+                    "max-boot-attempts": 3, "fleet-lock": {"group": "default"}}}
     code, out, _ = kiln("settings", "get", "network.hostname")
     assert (code, out) == (0, "")  # not set: nothing to show
 
@@ -93,8 +94,8 @@ def test_settings_set_commits_and_applies(kiln: Run, host: ApiHost) -> None:
     assert code == 0, err
     assert out.splitlines() == [
         "changed: settings.motd, settings.network.hostname, settings.updates.seed",
-        "services: hostname, motd",
-        "written: /etc/hostname, /etc/hosts, /etc/motd",
+        "services: hostname, motd, updater",  # updates.*: the update daemon reads them again
+        "written: /etc/hostname, /etc/hosts, /etc/motd, /etc/kiln/updater",
     ]
     live = kiln.live()
     assert live["updates"]["seed"] == 42 and live["network"]["hostname"] == "42"
@@ -196,7 +197,7 @@ def test_tx_commands_human(kiln: Run, host: ApiHost) -> None:
     code, _, err = kiln("tx", "discard", "--tx", "other")
     assert code == 1 and "API refused (404)" in err
     code, out, _ = kiln("tx", "apply")
-    services = "api-remote, containers, host-containers, hostname, lockdown, motd, ntp, sysctl"
+    services = "api-remote, containers, host-containers, hostname, lockdown, motd, ntp, sysctl, updater"
     assert code == 0 and out.startswith(f"changed: nothing\nservices: {services}\n")
     assert (host.render_root / "etc/hostname").read_text() == "h1\n"
     kiln("settings", "set", "--no-apply", "motd=three")
@@ -210,7 +211,7 @@ def test_tx_commands_json(kiln: Run) -> None:
     assert kiln.json("tx", "show", "--tx", "j") == {"motd": "j"}
     assert kiln.json("tx", "commit", "--tx", "j") == ["settings.motd"]
     assert kiln.json("tx", "apply")["services"] == [
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl"]
+        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"]
     kiln("settings", "set", "--no-apply", "motd=k")
     assert kiln.json("tx", "commit-and-apply")["changed"] == ["settings.motd"]
     kiln("settings", "set", "--no-apply", "motd=l")

@@ -245,6 +245,10 @@ def test_rollback(call: Call, api: Api, updates: Updates) -> None:
     assert updates.slots().state().next_boot == "B"
     reboots: list[str] = []
     api.reboot = lambda: reboots.append("reboot")
+    for bad in ("no", "0", "null", "", "False", "yes"):  # only the two documented values
+        r = call("POST", f"/actions/rollback?reboot={bad}")
+        assert r.status == 400 and r.body["path"] == "reboot", (bad, r.body)
+    assert reboots == [] and updates.slots().state().next_boot == "B"
     r = call("POST", "/actions/rollback")
     assert (r.status, r.body) == (202, {"next": "B", "rebooting": True})
     assert r.after is not None and reboots == []  # the transport reboots once the answer is sent

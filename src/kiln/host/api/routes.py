@@ -37,11 +37,12 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, path: str = "") -> None:
+    def __init__(self, status: int, detail: str, path: str = "", allow: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.path = path
+        self.allow = allow  # a 405's Allow header (RFC 9110 15.5.6)
 
     def body(self) -> dict[str, str]:
         return {"error": HTTPStatus(self.status).phrase, "detail": self.detail, "path": self.path}
@@ -89,6 +90,7 @@ class Response:
     encoded: bytes | None = None  # the body already as JSON (the transport sends it as is)
     # With status 101: takes over the connection once the transport has switched protocols.
     upgrade: Callable[[socket.socket], None] | None = None
+    allow: str | None = None  # the Allow header of a 405
 
 
 Handler = Callable[["Api", Request], Response]
@@ -141,14 +143,15 @@ class Api:
         try:
             handler = ROUTES.get((req.method, req.path))
             if handler is None:
-                if any(p == req.path for _, p in ROUTES):
-                    raise ApiError(405, f"{req.method} is not allowed on {req.path}")
+                allowed = sorted(m for m, p in ROUTES if p == req.path)
+                if allowed:
+                    raise ApiError(405, f"{req.method} is not allowed on {req.path}", allow=", ".join(allowed))
                 raise ApiError(404, f"no such endpoint: {req.path}")
             if req.role != "admin" and req.method != "GET":
                 raise ApiError(403, f"role '{req.role}' may only read (GET); {req.method} {req.path} needs admin")
             return handler(self, req)
         except ApiError as e:
-            return Response(e.status, e.body())
+            return Response(e.status, e.body(), allow=e.allow)
         except InvalidSettings as e:
             return Response(400, ApiError(400, e.detail, e.path).body())
         except DatastoreError as e:
@@ -225,7 +228,14 @@ def _split_keys(raw: str) -> list[str]:
 
 
 def _tx(req: Request) -> str:
-    return req.arg("tx") or DEFAULT_TX
+    """The transaction named by ?tx= (default: `default`); an empty name is refused, never
+    taken to mean the default one (DELETE /tx?tx= would discard it)."""
+    tx = req.arg("tx")
+    if tx is None:
+        return DEFAULT_TX
+    if not tx:
+        raise ApiError(400, "?tx= names no transaction (leave it out for the default one)", "tx")
+    return tx
 
 
 def _filter(tree: Tree, req: Request) -> Tree:

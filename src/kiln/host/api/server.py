@@ -71,7 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
             code = HTTPStatus.BAD_REQUEST
         self._send(code, ApiError(code, message or HTTPStatus(code).phrase).body())
 
-    def _send(self, status: int, body: Any, encoded: bytes | None = None) -> None:
+    def _send(self, status: int, body: Any, encoded: bytes | None = None, allow: str | None = None) -> None:
         """Status line, headers and body in one write (one syscall, one packet)."""
         data = encoded if encoded is not None else b"" if body is None else json.dumps(body).encode() + b"\n"
         head = [
@@ -80,6 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
             f"Date: {self.date_time_string()}",
             f"Content-Length: {len(data)}",
         ]
+        if allow:
+            head.append(f"Allow: {allow}")
         if data:
             head.append("Content-Type: application/json")
         if self.close_connection:
@@ -96,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "send the body with a Content-Length")
         length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails
             raise ApiError(400, f"Content-Length '{length}' is not a byte count")
         size = int(length)
         if size > MAX_BODY:
@@ -125,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         if resp.status == HTTPStatus.SWITCHING_PROTOCOLS and resp.upgrade is not None:
             self._switch(req.upgrade, resp.upgrade)
             return
-        self._send(resp.status, resp.body, resp.encoded)
+        self._send(resp.status, resp.body, resp.encoded, resp.allow)
         self.wfile.flush()
         if resp.after is not None:
             resp.after()

@@ -48,7 +48,10 @@ def rollback(api: Api, req: Request) -> Response:
     from kiln.host.slot import SlotError
     from kiln.host.update.errors import Busy
 
-    reboot = req.arg("reboot", "true") != "false"
+    flag = req.arg("reboot", "true")
+    if flag not in ("true", "false"):  # `reboot=no` must not reboot: only the two documented values
+        raise ApiError(400, f"reboot must be true or false, not '{flag}'", "reboot")
+    reboot = flag == "true"
     if reboot and api.reboot is None:
         raise ApiError(409, "reboot is not available here (use ?reboot=false)")
     try:
