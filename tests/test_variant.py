@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiln.core.errors import KilnError
 from kiln.variant import (
@@ -219,7 +221,8 @@ def test_non_positive_partition_size(tmp_path: Path, size: int) -> None:
     assert f"partitions.root: must be a positive number of MiB, got {size}" in str(e)
 
 
-@pytest.mark.parametrize("version", ["1.0", "1", "v1.0.0", "1.0.0.0", "1.0.x", "", "1.0.0-"])
+@pytest.mark.parametrize("version", ["1.0", "1", "v1.0.0", "1.0.0.0", "1.0.x", "", "1.0.0-", "1.0.0-rc1", "1.0.0-rc.1",
+                                     "1.0.0+build.5", "01.0.0", "1.0.0\n", "１.0.0"])
 def test_bad_version(tmp_path: Path, version: str) -> None:
     def change(doc: dict[str, Any]) -> None:
         doc["variant"]["version"] = version
@@ -230,7 +233,7 @@ def test_bad_version(tmp_path: Path, version: str) -> None:
     assert f"variant.version: version '{version}' is not of the form MAJOR.MINOR.PATCH" in str(e)
 
 
-@pytest.mark.parametrize("version", ["0.0.1", "10.20.30", "1.0.0-rc.1", "1.0.0+build.5"])
+@pytest.mark.parametrize("version", ["0.0.1", "10.20.30", "0.0.0", "1.2.30"])
 def test_good_versions(tmp_path: Path, version: str) -> None:
     def change(doc: dict[str, Any]) -> None:
         doc["variant"]["version"] = version
@@ -457,3 +460,20 @@ def test_default_variant_sanity(default: Variant) -> None:
     # No login: getty is masked.
     assert "getty.target" in default.mask_units
     assert "containerd.service" in default.enable_units
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.from_regex(r"\Av?[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}([-+][0-9A-Za-z.]{0,5})?\Z") | st.text(max_size=12))
+def test_the_build_accepts_exactly_the_versions_the_updater_orders(version: str) -> None:
+    """One grammar: a version `kiln build` takes is one `kiln repo add`, the agent and the
+    migrator can parse and order (the same text back)."""
+    from kiln.host.update.manifest import ManifestError, Version
+    from kiln.variant import _check_version
+
+    try:
+        _check_version(version, "v")
+    except KilnError:
+        return
+    assert str(Version.parse(version)) == version
+    with pytest.raises(ManifestError):
+        Version.parse(version + "-rc1")

@@ -23,7 +23,6 @@ DEFAULT_VARIANT = "container-host"
 MiB = 1024 * 1024
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-_VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(?:[-+][0-9A-Za-z.-]+)?$")
 PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|target|timer|mount|automount|path|slice|device|swap)$")
 
@@ -67,8 +66,19 @@ class Variant:
 
 
 def _check_version(value: str, where: str) -> None:
-    if not _VERSION_RE.match(value):
-        raise KilnError(f"{where}: version '{value}' is not of the form MAJOR.MINOR.PATCH")
+    """One version grammar for the project: the update agent's (kiln.host.update.manifest.
+    Version), which the repository, the agent and the migrator order releases by. A
+    pre-release or build suffix would build, then fail at `kiln repo add` and leave the
+    boot-time migrator unable to place the version: refused here, before anything is built."""
+    from kiln.host.update.manifest import ManifestError, Version
+
+    try:
+        canonical = str(Version.parse(value))
+    except ManifestError:
+        canonical = None
+    if canonical != value:
+        raise KilnError(f"{where}: version '{value}' is not of the form MAJOR.MINOR.PATCH",
+                        hint="plain numbers without leading zeros, e.g. 1.2.0 (no pre-release or build suffix)")
 
 
 class TomlTable:
