@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiln.host.settings.model import InvalidSettings, Settings, to_tree, validate
 
@@ -245,3 +247,70 @@ def test_the_root_must_be_a_table(tree: Any) -> None:
 def test_values_that_would_inject_lines_or_grow_without_bound(tree: dict[str, Any], path: str, detail: str) -> None:
     e = rejected(tree)
     assert (e.path, e.detail) == (path, detail)
+
+
+# --- patterns mean what they say: no line break or NUL gets into a name, path or address -----
+# (msgspec matches patterns with re.search, where `$` also matches before a final "\n":
+# "node-1\n" was a valid hostname and reached /etc/hostname.) Free text keeps its line
+# breaks: motd, command arguments, environment values, base64 user data, PEM blocks.
+ONE_LINE = {
+    ("network", "hostname"): "node-1.example.com",
+    ("ntp", "time-servers", 0): "10.0.0.1",
+    ("kernel", "sysctl", "<key>"): "vm.swappiness",
+    ("kernel", "sysctl", "vm.swappiness"): "10",
+    ("updates", "metadata-base-url"): "https://updates.example.com/meta/",
+    ("updates", "version-lock"): "1.2.3",
+    ("updates", "check-interval"): "1h",
+    ("updates", "fleet-lock", "group"): "workers",
+    ("updates", "maintenance-windows", 0, "start"): "02:30",
+    ("updates", "maintenance-windows", 0, "time-zone"): "Europe/Berlin",
+    ("health", "units", 0): "containerd.service",
+    ("containers", "<key>"): "web",
+    ("containers", "web", "image"): "10.0.2.2:5000/kiln/httpd:1",
+    ("containers", "web", "memory-limit"): "64Mi",
+    ("containers", "web", "mounts", 0, "source"): "/local/www",
+    ("containers", "web", "mounts", 0, "destination"): "/www",
+    ("container-registry", "mirrors", "<key>"): "10.0.2.2:5000",
+    ("container-registry", "credentials", "r.example", "username"): "bob",
+    ("container-registry", "credentials", "r.example", "password"): "s3cret",
+}
+
+
+KEY_FILLER: dict[str | int, Any] = {  # what a map key being tested maps to
+    "kernel": "1", "containers": {}, "container-registry": ["http://10.0.2.2:5000"],
+}
+
+
+def tree_with(path: tuple[str | int, ...], value: str) -> dict[str, Any]:
+    """A settings tree with `value` at `path` ("<key>": as the map key at that place)."""
+    def build(rest: tuple[str | int, ...]) -> Any:
+        if not rest:
+            return value
+        head, tail = rest[0], rest[1:]
+        if head == "<key>":
+            return {value: KEY_FILLER[path[0]]}
+        if isinstance(head, int):
+            return [build(tail)]
+        return {head: build(tail)}
+
+    return dict(build(path))
+
+
+@pytest.mark.parametrize("path", list(ONE_LINE), ids=[".".join(map(str, p)) for p in ONE_LINE])
+@pytest.mark.parametrize("bad", ["{}\n", "{}\r", "\n{}", "{}\x00", "{}\r\n", "{}\u2028"])
+def test_no_line_break_or_nul_in_a_one_line_setting(path: tuple[str | int, ...], bad: str) -> None:
+    good = ONE_LINE[path]
+    validate(tree_with(path, good))  # the sample itself is fine
+    with pytest.raises(InvalidSettings):
+        validate(tree_with(path, bad.format(good)))
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.sampled_from(list(ONE_LINE)), st.text(alphabet=st.characters(codec="utf-8"), max_size=24))
+def test_any_accepted_one_line_value_has_no_line_break(path: tuple[str | int, ...], junk: str) -> None:
+    value = ONE_LINE[path] + junk
+    try:
+        validate(tree_with(path, value))
+    except InvalidSettings:
+        return
+    assert not any(c in value for c in "\n\r\x00\x0b\x0c\x85\u2028\u2029"), repr(value)

@@ -37,14 +37,14 @@ def container_logs(api: Api, req: Request) -> Response:
     from kiln.host.containers.control import CURSOR, BadCursor, LogsUnavailable, NoSuchContainer, log_target, logs
 
     name, kind, cursor = req.arg("name"), req.arg("kind"), req.arg("cursor")
-    if name is None or not _NAME.match(name):
+    if name is None or not _NAME.fullmatch(name):
         raise ApiError(400, "expected a container name", "name")
     if kind not in (None, "host", "bootstrap", "workload"):
         raise ApiError(400, "expected 'host', 'bootstrap' or 'workload'", "kind")
     raw_lines = req.arg("lines", "100") or ""
     if not raw_lines.isdigit() or not 1 <= int(raw_lines) <= LOG_LINES:
         raise ApiError(400, f"expected 1..{LOG_LINES}", "lines")
-    if cursor is not None and not CURSOR.match(cursor):
+    if cursor is not None and not CURSOR.fullmatch(cursor):
         raise ApiError(400, "expected a cursor from an earlier answer", "cursor")
     try:
         spec = log_target(api.store.live_shared(), name, cast("Kind | None", kind))
@@ -64,7 +64,7 @@ def _exec_request(body: Any) -> tuple[str, list[str], bool, int, int, Kind | Non
     if unknown:
         raise ApiError(400, f"unknown field '{sorted(unknown)[0]}'", sorted(unknown)[0])
     name, command = body.get("target"), body.get("command")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ApiError(400, "expected a container name", "target")
     if (not isinstance(command, list) or not command or len(command) > 256
             or not all(isinstance(a, str) and "\0" not in a for a in command)):

@@ -83,7 +83,7 @@ class Datastore:
         root.mkdir(parents=True, exist_ok=True, mode=0o750)
         if not (root / "current").exists():
             name = f"v{version.removeprefix('v')}"
-            if not _VERSION.match(name):
+            if not _VERSION.fullmatch(name):
                 raise DatastoreError(f"invalid datastore version '{version}'")
             with store._writing():
                 (root / name / "live").mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class Datastore:
         atomic_write(path, json.dumps(tree, sort_keys=True, indent=1).encode() + b"\n", mode=0o640)
 
     def _pending_path(self, tx: str) -> Path:
-        if not _TX.match(tx):
+        if not _TX.fullmatch(tx):
             raise DatastoreError(f"invalid transaction name '{tx}' (letters, digits, '-', '_'; at most 64)", "tx")
         return self.version_dir / "pending" / f"{tx}.json"
 

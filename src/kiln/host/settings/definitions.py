@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 from kiln.host.settings.keys import format_key, is_prefix, parse_key
 
 # Absolute and normal: no empty, `.` or `..` segments (the initramfs restores these paths).
-AbsPath = Annotated[str, Meta(pattern=r"^(/(?!\.\.?(/|$))[^/\0]+)+$")]
+AbsPath = Annotated[str, Meta(pattern=r"^(/(?!\.\.?(/|$))[^/\0\n]+)+\Z")]
 METADATA_KEYS = ("affected-services", "setting-generator")
 
 

@@ -22,46 +22,51 @@ from kiln.host.settings.keys import format_key, format_segment, get_path, set_pa
 
 __all__ = ["SECRET_KEYS", "InvalidSettings", "Settings", "to_tree", "validate"]
 
+# Patterns end in \Z, not $: msgspec searches with re.search, where `$` also matches before
+# a final "\n" (which then reached rendered files). One-line values exclude every line break
+# Python or a C tool would split on, and NUL.
+_BREAKS = r"\n\r\x00\x0b\x0c\x85\u2028\u2029"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")]
-Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
-Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\Z")]
+Url = Annotated[str, Meta(pattern=r"^https?://[^\s\x00]+\Z", max_length=2048)]
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}\Z")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
-SysctlName = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*$", max_length=256)]
-SysctlValue = Annotated[str, Meta(pattern=r"^[^\n\r\x00]*$", max_length=4096)]
-TimeServer = Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:\[\]-]{1,253}$")]
-Base64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/=\s]*$", max_length=65536)]
+SysctlName = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-/]*\Z", max_length=256)]
+SysctlValue = Annotated[str, Meta(pattern=rf"^[^{_BREAKS}]*\Z", max_length=4096)]
+TimeServer = Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:\[\]-]{1,253}\Z")]
+Base64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/=\s]*\Z", max_length=65536)]
 Pem = Annotated[str, Meta(pattern=r"-----BEGIN [A-Z ]+-----", max_length=65536)]
 # A registry host as in an image reference (`docker.io`, `10.0.2.2:5000`), or `*` for any.
-RegistryHost = Annotated[str, Meta(pattern=r"^(\*|[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?)$")]
+RegistryHost = Annotated[str, Meta(pattern=r"^(\*|[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?)\Z")]
 # An image reference: [registry/]path[:tag][@sha256:digest] (lowercase path, as OCI requires).
 ImageRef = Annotated[
     str,
     Meta(
         pattern=r"^([A-Za-z0-9.-]+(:[0-9]{1,5})?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
-        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$",
+        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?\Z",
         max_length=512,
     ),
 ]
-EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
-EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*$", max_length=32768)]
-Argument = Annotated[str, Meta(pattern=r"^[^\x00]*$", max_length=32768)]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z", max_length=256)]
+EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
+Argument = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
 # Workload mounts come from /local only (the host's own directories stay out of reach).
-LocalPath = Annotated[str, Meta(pattern=r"^/local(/(?!\.\.?(/|$))[^/\x00\n]+)*/?$", max_length=1024)]
-ContainerPath = Annotated[str, Meta(pattern=r"^/((?!\.\.?(/|$))[^/\x00\n]+/?)*$", max_length=1024)]
+LocalPath = Annotated[str, Meta(pattern=rf"^/local(/(?!\.\.?(/|$))[^/{_BREAKS}]+)*/?\Z", max_length=1024)]
+ContainerPath = Annotated[str, Meta(pattern=rf"^/((?!\.\.?(/|$))[^/{_BREAKS}]+/?)*\Z", max_length=1024)]
 # Workload memory limit: 4Mi up to 9999999Mi, or 1Gi up to 9999Gi (binary units, as Kubernetes writes them).
-MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)$")]
+MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)\Z")]
 Cpus = Annotated[float, Meta(ge=0.01, le=1024)]
 # The update daemon: "30s", "15m", "1h", "1d"; FleetLock group names; weekly windows.
-Interval = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,6}(s|m|h|d)$")]
-FleetGroup = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9.-]+$", max_length=253)]
+Interval = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,6}(s|m|h|d)\Z")]
+FleetGroup = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9.-]+\Z", max_length=253)]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]\Z")]
 TimeZone = Annotated[
-    str, Meta(pattern=r"^(UTC|[+-][01][0-9]:[0-5][0-9]|[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2})$", max_length=64)
+    str,
+    Meta(pattern=r"^(UTC|[+-][01][0-9]:[0-5][0-9]|[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2})\Z", max_length=64),
 ]
 UnitName = Annotated[
-    str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$", max_length=256)
+    str, Meta(pattern=r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)\Z", max_length=256)
 ]
 
 
@@ -103,7 +108,7 @@ class Updates(_S):
     metadata_base_url: Url | None = None
     targets_base_url: Url | None = None
     seed: Annotated[int, Meta(ge=0, le=2047)] | None = None
-    version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)$")] | None = None
+    version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)\Z")] | None = None
     ignore_waves: bool | None = None
     # The update daemon (kiln-updater.service): manual = nothing automatic.
     strategy: Literal["manual", "immediate", "fleet-lock"] | None = None
@@ -162,8 +167,8 @@ class Container(_S):
 
 
 class RegistryCredential(_S):
-    username: Annotated[str, Meta(pattern=r"^[^:\s]+$", max_length=256)] | None = None
-    password: Annotated[str, Meta(pattern=r"^\S+$", max_length=4096)] | None = None
+    username: Annotated[str, Meta(pattern=r"^[^:\s\x00]+\Z", max_length=256)] | None = None
+    password: Annotated[str, Meta(pattern=r"^[^\s\x00]+\Z", max_length=4096)] | None = None
 
 
 class ContainerRegistry(_S):
