@@ -707,6 +707,12 @@ def test_405_names_the_allowed_methods(host: ApiHost) -> None:
     assert b"\r\nAllow: POST\r\n" in answer
 
 
+@pytest.mark.parametrize("name", ["evil%0A", "evil%0D", "%0Aevil", "a%00b"])
+def test_a_tx_name_with_a_line_break_is_refused(call: Caller, host: ApiHost, name: str) -> None:
+    call.refused("PATCH", f"/settings?tx={name}", {"motd": "x"}, status=400)
+    assert not any("\n" in p.name or "\r" in p.name for p in host.base.rglob("*"))
+
+
 @pytest.mark.parametrize(("method", "target"), [("DELETE", "/tx?tx="), ("GET", "/tx?tx="), ("PATCH", "/settings?tx="),
                                                  ("POST", "/tx/commit?tx="), ("POST", "/tx/commit_and_apply?tx=")])
 def test_an_empty_tx_name_is_refused_not_the_default(call: Caller, host: ApiHost, method: str, target: str) -> None:
