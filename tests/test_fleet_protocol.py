@@ -326,3 +326,81 @@ def test_https_with_the_fleet_pki(etcd: EtcdCluster, group: str, tmp_path: Path)
         assert any(g["group"] == group for g in json.loads(ok.stdout)["groups"])
         refused = subprocess.run(cli, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and "cannot reach the fleet server" in refused.stderr
+
+
+def etcd_member_cert(d: Path) -> tuple[Path, Path]:
+    """A certificate from the fleet CA for an etcd member: server *and* client auth (etcd's
+    own gRPC gateway dials the member with it when client certificates are required)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from kiln.pki import certs
+    from kiln.pki.fleet import Layout, load_ca
+
+    ca = load_ca(Layout(d))
+    key = certs.new_key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "etcd")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    (d / "etcd.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "etcd.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return d / "etcd.crt", d / "etcd.key"
+
+
+def test_etcd_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    """`--etcd-ca/--etcd-cert/--etcd-key`: a member that requires client certificates (made
+    with `kiln pki`) is reached with them, and refuses a client without."""
+    import subprocess
+    import time
+
+    from kiln import pki
+    from kiln.core.run import which
+    from kiln.fleet.etcd import EtcdUnavailable, Tls
+    from kiln.vm.qemu import free_port
+
+    d = tmp_path / "pki"
+    pki.init(d, sans=["127.0.0.1"])
+    member_cert, member_key = etcd_member_cert(d)
+    client, peer = free_port(), free_port()
+    url = f"https://127.0.0.1:{client}"
+    proc = subprocess.Popen([
+        which("etcd"), "--name", "tls", "--data-dir", str(tmp_path / "data"),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-cluster", f"tls=http://127.0.0.1:{peer}",
+        "--cert-file", str(member_cert), "--key-file", str(member_key),
+        "--client-cert-auth", "--trusted-ca-file", str(d / "ca.crt"),
+        "--logger", "zap", "--log-outputs", str(tmp_path / "etcd.log"),
+    ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tls = Tls(str(d / "ca.crt"), str(d / "clients" / "admin.crt"), str(d / "clients" / "admin.key"))
+        etcd = Etcd([url], tls=tls)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                etcd.revision()
+                break
+            except EtcdUnavailable:
+                assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
+                time.sleep(0.2)
+        locks = FleetLocks(etcd, FleetConfig())
+        assert locks.lock("tls", "a")[0].value == "granted"
+        with pytest.raises(EtcdUnavailable):
+            Etcd([url], tls=Tls(str(d / "ca.crt"))).get(key("tls"))  # no client certificate
+        with pytest.raises(EtcdUnavailable):
+            Etcd([url]).get(key("tls"))  # the system's CAs do not know the fleet's
+    finally:
+        proc.kill()
+        proc.wait()

@@ -55,6 +55,21 @@ def parse_endpoint(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
+def _session(tls: Tls) -> Any:
+    """A requests session that takes nothing from the environment: requests lets
+    REQUESTS_CA_BUNDLE override a session's own CA (so --etcd-ca would be ignored) and
+    HTTP(S)_PROXY route loopback members through a proxy."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    if tls.ca:
+        session.verify = tls.ca
+    if tls.cert:
+        session.cert = (tls.cert, tls.key) if tls.key else tls.cert
+    return session
+
+
 class Etcd:
     """A client for one etcd cluster, failing over between its endpoints."""
 
@@ -69,8 +84,7 @@ class Etcd:
         for url in self.endpoints:
             scheme, host, port = parse_endpoint(url)
             self._clients.append(etcd3gw.Etcd3Client(
-                host=host, port=port, protocol=scheme, ca_cert=tls.ca, cert_cert=tls.cert, cert_key=tls.key,
-                timeout=timeout, api_path="/v3/",
+                host=host, port=port, protocol=scheme, timeout=timeout, api_path="/v3/", session=_session(tls),
             ))
         self._preferred = 0
         self._lock = threading.Lock()
