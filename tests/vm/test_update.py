@@ -245,6 +245,7 @@ timeout = 20
     assert vm.wait_ready(420).group(1, 3) == ("1.0.0", "A")
     st = status(vm)
     assert st["last_failure"]["version"] == "2.0.0" and st["last_failure"]["kind"] == "ambiguous"
+    vm.check("kiln settings set updates.version-lock=2.0.0")  # the repository has 3.1.0 by now
     retry = json.loads(vm.check("kiln update check --json", timeout=240))
     assert retry["chosen_update"]["version"] == "2.0.0", retry["reason"]
     vm.check("kiln update apply --reboot", timeout=900)
