@@ -359,3 +359,17 @@ def test_node_ids_are_systemd_app_specific_ids(tmp_path: Path) -> None:
         import uuid
 
         assert node_id(machine, uuid.UUID(app)) == want
+
+
+def test_a_shorter_check_interval_takes_effect_at_once(tmp_path: Path) -> None:
+    clock = Clock()
+    host = SimHost(updates={"strategy": "immediate", "check-interval": "1h"}, staged=None)
+    u = make(host, tmp_path, clock)
+    u.start()
+    assert u.step() >= T0 + timedelta(minutes=54)
+    host.updates["check-interval"] = "20s"  # settings changed: the daemon is woken (SIGHUP)
+    clock.advance(seconds=1)
+    nxt = u.step()
+    assert nxt <= clock.t + timedelta(seconds=22)
+    host.updates["check-interval"] = "2h"  # a longer interval waits for the check already planned
+    assert abs((u.step() - nxt).total_seconds()) < 1  # (kept to the second)

@@ -60,9 +60,15 @@ def _session(tls: Tls) -> Any:
     REQUESTS_CA_BUNDLE override a session's own CA (so --etcd-ca would be ignored) and
     HTTP(S)_PROXY route loopback members through a proxy."""
     import requests
+    from requests.adapters import HTTPAdapter
 
     session = requests.Session()
     session.trust_env = False
+    # One server thread per FleetLock request: the default pool of 10 connections per
+    # member would make most of them open a new connection to etcd under load.
+    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=128)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     if tls.ca:
         session.verify = tls.ca
     if tls.cert:

@@ -319,6 +319,9 @@ class Updater:
 
         st = self.state
         due = parse(st.next_check)
+        if due is not None and due > now + p.interval * (1 + JITTER):
+            due = now + self._jittered(p)  # the interval was shortened: not the old, longer wait
+            st.next_check = stamp(due)
         if due is not None and now < due:
             return due
         wake = now + self._jittered(p)
