@@ -206,7 +206,11 @@ def guest(server: ServerProcess, tmp: Path) -> dict[str, Any]:
                 ud.write_text(GUEST_UD.format(repo=repo_port, fleet=server.port, interval="1h"))
                 disk = tmp / f"disk{i}.img"
                 subprocess.run(["cp", "--sparse=always", rel1.disk, disk], check=True)
-                vm = Vm(VmConfig(disk, tmp / f"vm{i}", cpus=1, overlay=False, accel="tcg", user_data=ud))
+                log = B.CACHE / "logs" / f"fleet-guest{i}.txt"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.unlink(missing_ok=True)
+                vm = Vm(VmConfig(disk, tmp / f"vm{i}", cpus=1, overlay=False, accel="tcg", user_data=ud),
+                        serial_log=log)
                 vms.append(vm.start())
             for vm in vms:
                 vm.wait_ready(U.BOOT_TIMEOUT)
