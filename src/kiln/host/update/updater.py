@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     updater = Updater(RealHost(paths), state_path(paths), ident)
     wake = threading.Event()
 
+    reloads = [0]
+
     def on_hup(_sig: int, _frame: FrameType | None) -> None:
+        reloads[0] += 1
         wake.set()
 
     signal.signal(signal.SIGHUP, on_hup)
@@ -154,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         elif now_saying != said:
             print(f"kiln-updater: {now_saying}", flush=True)
         said, phase = now_saying, updater.state.phase
+        seen = reloads[0]
         wake.wait(max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
         wake.clear()
+        if reloads[0] != seen:
+            print("kiln-updater: settings changed (SIGHUP): looking again", flush=True)
 
 
 if __name__ == "__main__":
