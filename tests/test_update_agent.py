@@ -320,3 +320,34 @@ def test_killed_agent_leaves_the_inactive_slot_unbootable_and_can_rerun(
         assert "Available" in states and any(s[2] == 0 for s in seen), f"no kill landed in the write: {seen}"
         assert subprocess.run(argv, check=False).returncode == 0  # the rerun completes
         assert Slots.open(image=disk, active="A").state().next_boot == "B"
+
+
+def test_a_boot_that_never_finished_is_chosen_again_a_bad_release_is_not(
+    tmp_path: Path, disk: Path, repo: ControlledRepo
+) -> None:
+    """The real agent and status file as a rollback leaves them (Ready before the reboot,
+    the other slot cleared, a failure recorded): an ambiguous failure is taken again at the
+    next refresh (the VM power-cut test caught the status reconcile dropping it), a
+    definite one, or the last of max-boot-attempts ambiguous ones, is not."""
+    from kiln.host.update import failures
+
+    agent = make_agent(tmp_path, disk, repo)
+    agent.run("refresh")
+    agent.run("prepare")
+    agent.run("activate")
+    agent.slots.apply("clear-inactive")  # what ready.report_fallback does after the fallback
+    entry = {"version": "1.1.0", "slot": "B", "kind": "ambiguous", "reason": failures.UNHEALTHY,
+             "at": "2026-01-01T00:00:00Z"}
+    failures.record(agent.paths.failures, entry)
+    st = agent.run("refresh")
+    assert (st.update_state, (st.chosen_update or {}).get("version"), st.reason) == ("Available", "1.1.0", "")
+    assert agent.run("prepare").update_state == "Staged"
+    failures.record(agent.paths.failures, {**entry, "at": "2026-01-01T00:10:00Z"})
+    failures.record(agent.paths.failures, {**entry, "at": "2026-01-01T00:20:00Z"})  # the 3rd of 3
+    agent.slots.apply("clear-inactive")
+    st = agent.run("refresh")
+    assert st.update_state == "Idle" and "1.1.0 failed on this host before" in st.reason
+    failures.clear(agent.paths.failures, "1.1.0")
+    failures.record(agent.paths.failures, {**entry, "kind": "definite", "reason": "health gate failed: x"})
+    st = agent.run("refresh")
+    assert st.update_state == "Idle" and "1.1.0 failed on this host before" in st.reason

@@ -73,7 +73,8 @@ class Agent:
 
     # --- state --------------------------------------------------------------------
     def status(self) -> Status:
-        return current(self.paths, self.slots.state().to_json(), self.version)
+        max_attempts = int(self.settings.get("max-boot-attempts", failures.DEFAULT_MAX_BOOT_ATTEMPTS))
+        return current(self.paths, self.slots.state().to_json(), self.version, max_attempts)
 
     def host(self) -> Host:
         return Host(

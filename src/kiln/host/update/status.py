@@ -195,13 +195,18 @@ def reconcile(
     return st
 
 
-def current(paths: Paths, slots: dict[str, Any], running: str) -> Status:
+def current(paths: Paths, slots: dict[str, Any], running: str,
+            max_attempts: int = failures.DEFAULT_MAX_BOOT_ATTEMPTS) -> Status:
     """The status file reconciled with the slots, the slot versions and the failures log:
-    what the agent acts on and what the API reports."""
+    what the agent acts on and what the API reports. A version whose boot merely did not
+    finish, and may be retried now, is not treated as failed (a power cut is not a bad
+    release): only final verdicts and retries not yet due are."""
+    from datetime import UTC, datetime
+
     log = failures.read(paths.failures)
-    st = reconcile(
-        Status.load(paths.status), slots, running, read_versions(paths),
-        frozenset(failures.verdicts(log)),
-    )
+    now = datetime.now(UTC)
+    failed = frozenset(v.version for v in failures.verdicts(log, max_attempts).values()
+                       if v.final or (v.retry_at is not None and v.retry_at > now))
+    st = reconcile(Status.load(paths.status), slots, running, read_versions(paths), failed)
     st.last_failure = log[-1] if log else None
     return st
