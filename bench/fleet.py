@@ -32,6 +32,7 @@ Writes bench/results/fleet.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_vs_txn": k["per_s"] / f["per_s"],
         "p50_vs_etcdctl": k["p50_ms"] / c["p50_ms"],
     }
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     B.emit("fleet", result, report(result), args.json)
     return 0
 
