@@ -19,6 +19,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from kiln.host.update.manifest import format_time as stamp  # one timestamp format with the hosts
+
+__all__ = ["Holder", "Outcome", "Semaphore", "expire", "lock", "parse_stamp", "report", "stamp", "summary", "unlock"]
+
 MAX_EVENTS = 20
 MAX_FAILURE = 512  # characters of a reported failure kept
 
@@ -66,10 +70,6 @@ class Semaphore:
 
     def _event(self, now: datetime, kind: str, host: str, **extra: str) -> tuple[dict[str, str], ...]:
         return (*self.events, {"at": stamp(now), "event": kind, "id": host, **extra})[-MAX_EVENTS:]
-
-
-def stamp(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_stamp(text: str) -> datetime:

@@ -73,8 +73,10 @@ class Agent:
 
     # --- state --------------------------------------------------------------------
     def status(self) -> Status:
-        max_attempts = int(self.settings.get("max-boot-attempts", failures.DEFAULT_MAX_BOOT_ATTEMPTS))
-        return current(self.paths, self.slots.state().to_json(), self.version, max_attempts)
+        return current(self.paths, self.slots.state().to_json(), self.version, self._max_attempts())
+
+    def _max_attempts(self) -> int:
+        return int(self.settings.get("max-boot-attempts", failures.DEFAULT_MAX_BOOT_ATTEMPTS))
 
     def host(self) -> Host:
         return Host(
@@ -89,7 +91,7 @@ class Agent:
 
     def _failures(self) -> dict[str, Any]:
         """Versions not to take again here, and those to retry only later (kiln.host.update.failures)."""
-        max_attempts = int(self.settings.get("max-boot-attempts", failures.DEFAULT_MAX_BOOT_ATTEMPTS))
+        max_attempts = self._max_attempts()
         failed, retry_at = set(), {}
         for v in failures.verdicts(failures.read(self.paths.failures), max_attempts).values():
             with contextlib.suppress(ManifestError):

@@ -36,6 +36,7 @@ from kiln.core.fs import atomic_write
 from kiln.host.update import windows
 from kiln.host.update.failures import DEFAULT_MAX_BOOT_ATTEMPTS, Verdict
 from kiln.host.update.fleetlock import FleetLockClient, LockError, LockRefused
+from kiln.host.update.manifest import format_time
 
 DEFAULT_INTERVAL = timedelta(hours=1)
 JITTER = 0.10  # ± of the check interval
@@ -167,10 +168,6 @@ class HostPort(Protocol):
     def reboot(self) -> None: ...
 
 
-def stamp(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse(text: str | None) -> datetime | None:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
 
@@ -199,7 +196,7 @@ class Updater:
 
     # --- helpers ----------------------------------------------------------------------
     def _save(self) -> None:
-        self.state.updated = stamp(self.now())
+        self.state.updated = format_time(self.now())
         self.state.save(self.state_path)
 
     def _client(self, p: Policy) -> FleetLockClient | None:
@@ -289,12 +286,12 @@ class Updater:
         ws = windows.check(list(p.windows), now)
         if not ws.open:
             st.phase = Phase.WAITING_WINDOW
-            st.window = {"window": ws.window, "opens_at": stamp(ws.opens_at) if ws.opens_at else ""}
+            st.window = {"window": ws.window, "opens_at": format_time(ws.opens_at) if ws.opens_at else ""}
             st.reason = f"{staged} is staged; waiting for the maintenance window {ws.window}" + (
-                f", which opens at {stamp(ws.opens_at)}" if ws.opens_at else "")
+                f", which opens at {format_time(ws.opens_at)}" if ws.opens_at else "")
             self._save()
             return min(wake, ws.opens_at) if ws.opens_at else wake
-        st.window = {"window": ws.window, "closes_at": stamp(ws.closes_at)} if ws.closes_at else None
+        st.window = {"window": ws.window, "closes_at": format_time(ws.closes_at)} if ws.closes_at else None
         retry_at = parse(st.next_attempt)
         if st.lock != Lock.HELD and retry_at is not None and now < retry_at:
             self._save()
@@ -321,11 +318,11 @@ class Updater:
         due = parse(st.next_check)
         if due is not None and due > now + p.interval * (1 + JITTER):
             due = now + self._jittered(p)  # the interval was shortened: not the old, longer wait
-            st.next_check = stamp(due)
+            st.next_check = format_time(due)
         if due is not None and now < due:
             return due
         wake = now + self._jittered(p)
-        st.next_check = stamp(wake)
+        st.next_check = format_time(wake)
         try:
             self.host.command("refresh")
             state, _, _ = self.host.update_state()
@@ -348,9 +345,9 @@ class Updater:
         except LockError as e:
             st.lock = Lock.FREE if st.lock == Lock.ASKING else st.lock
             st.phase = Phase.WAITING_LOCK
-            st.waiting_since = st.waiting_since or stamp(now)
+            st.waiting_since = st.waiting_since or format_time(now)
             st.lock_attempts += 1
-            st.next_attempt = stamp(now + lock_backoff(st.lock_attempts, p.interval, self.rng))
+            st.next_attempt = format_time(now + lock_backoff(st.lock_attempts, p.interval, self.rng))
             st.last_error = str(e)
             said = "refused" if isinstance(e, LockRefused) else "no answer"
             st.reason = (f"{staged} is staged; waiting for a reboot slot in group {p.group} since "
@@ -358,7 +355,7 @@ class Updater:
             self._save()
             return False
         if st.lock != Lock.HELD:
-            st.lock_since = stamp(now)
+            st.lock_since = format_time(now)
         st.lock, st.group = Lock.HELD, p.group
         st.waiting_since = st.next_attempt = st.last_error = None
         st.lock_attempts = 0
@@ -400,7 +397,8 @@ class Updater:
         if st.lock != Lock.FREE and not self._release(p):
             st.lock_attempts += 1
             retry = now + lock_backoff(st.lock_attempts, p.interval, self.rng)
-            st.reason = f"on {st.target} and healthy; giving the reboot slot back failed, retrying at {stamp(retry)}"
+            st.reason = (f"on {st.target} and healthy; giving the reboot slot back failed, "
+                         f"retrying at {format_time(retry)}")
             self._save()
             return retry
         st.phase, st.reason, st.target, st.lock_attempts = Phase.IDLE, f"updated to {st.target}", None, 0
@@ -431,6 +429,3 @@ class Updater:
             st.lock, st.lock_since = Lock.FREE, None
             st.phase = Phase.IDLE
             st.reason = f"{st.target}: the reboot slot was released by an operator; the failure stays recorded here"
-
-    def status(self) -> dict[str, Any]:
-        return asdict(self.state)
