@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import unquote
 
 from kiln.repo import admin, publish
 from kiln.repo.serve import RepoUrls
@@ -71,10 +72,15 @@ class ControlledRepo(RepoUrls):
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def read(self, path: str) -> bytes | None:
-        parts = path.split("?")[0].strip("/").split("/")
-        if len(parts) != 2 or parts[0] not in ("metadata", "targets") or parts[1] in ("", ".", ".."):
+        """The file a request path names: `metadata/NAME`, or `targets/` and a relative path
+        (targets may sit in subdirectories), each segment percent-decoded."""
+        parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
+        depth_ok = len(parts) == 2 if parts[0] == "metadata" else len(parts) >= 2
+        if parts[0] not in ("metadata", "targets") or not depth_ok:
             return None
-        f = self.directory / parts[0] / parts[1]
+        if any(p in ("", ".", "..") or "/" in p for p in parts[1:]):
+            return None
+        f = self.directory.joinpath(*parts)
         return f.read_bytes() if f.is_file() else None
 
     @property

@@ -2,7 +2,9 @@
 
 python-tuf bounds how many bytes it reads; this fetcher also bounds how long a single
 download may take, so a server that trickles one byte every few seconds cannot hold an
-update command forever (TUF's "slow retrieval" attack).
+update command forever (TUF's "slow retrieval" attack). A body cut before its
+Content-Length is a DownloadError (the network's fault, retried), so that a whole
+response of the wrong length can be told apart as the server's lie.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class HttpFetcher(FetcherInterface):
                         f"{url}: connection failed after {read} bytes: {type(e).__name__}: {e}"
                     ) from None
                 if not chunk:
+                    if response.length:  # closed before the end its Content-Length announced
+                        raise exceptions.DownloadError(
+                            f"{url}: connection closed after {read} bytes, {response.length} before the end"
+                        )
                     return
                 read += len(chunk)
                 if time.monotonic() - start > self.grace + read / self.min_rate:
