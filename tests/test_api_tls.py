@@ -232,30 +232,6 @@ def test_a_stalled_handshake_is_cut_at_the_deadline(remote: Remote, monkeypatch:
     assert remote.as_("admin").request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
 
 
-def test_connections_beyond_the_limit_are_closed_on_arrival(remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "HANDSHAKE_DEADLINE", 30.0)
-    monkeypatch.setattr(remote.server, "max_connections", 3)
-    stalled = [socket.create_connection(("127.0.0.1", remote.port), timeout=5) for _ in range(3)]
-    try:
-        time.sleep(0.5)  # let the server accept them
-        with socket.create_connection(("127.0.0.1", remote.port), timeout=5) as extra:
-            assert _closed_by_server(extra, within=5), "the 4th connection must be refused"
-        for s in stalled:
-            assert not _closed_by_server(s, within=0.2), "the first three are still being served"
-    finally:
-        for s in stalled:
-            s.close()
-    deadline = time.monotonic() + 10
-    while True:  # the three slots come back once their handshakes fail
-        try:
-            assert remote.as_("admin").request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
-            break
-        except ApiUnreachable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_node_tls_material_that_does_not_load_is_refused(remote: Remote) -> None:
     """A mismatched key would stop the remote listener for good: refuse it before it is stored."""
     admin = remote.as_("admin")

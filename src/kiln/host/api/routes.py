@@ -93,6 +93,13 @@ class Response:
     allow: str | None = None  # the Allow header of a 405
 
 
+def role_refusal(role: str, method: str, path: str) -> ApiError | None:
+    """A reader may only GET (the transport asks before it reads a body, the routes again)."""
+    if role != "admin" and method != "GET":
+        return ApiError(403, f"role '{role}' may only read (GET); {method} {path} needs admin")
+    return None
+
+
 Handler = Callable[["Api", Request], Response]
 ROUTES: dict[tuple[str, str], Handler] = {}
 
@@ -147,8 +154,9 @@ class Api:
                 if allowed:
                     raise ApiError(405, f"{req.method} is not allowed on {req.path}", allow=", ".join(allowed))
                 raise ApiError(404, f"no such endpoint: {req.path}")
-            if req.role != "admin" and req.method != "GET":
-                raise ApiError(403, f"role '{req.role}' may only read (GET); {req.method} {req.path} needs admin")
+            refused = role_refusal(req.role, req.method, req.path)
+            if refused is not None:
+                raise refused
             return handler(self, req)
         except ApiError as e:
             return Response(e.status, e.body(), allow=e.allow)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import http.client
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request
+from kiln.host.api import limits
+from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request, role_refusal
 from kiln.host.datastore import Datastore
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ SOCKET = Path("/run/kiln/api.sock")
 REMOTE_CONFIG = Path("/etc/kiln/api-remote.json")
 DEFAULT_REMOTE_PORT = 50000
 CLIENT_TIMEOUT = 30.0
-HANDSHAKE_DEADLINE = 10.0
+HANDSHAKE_DEADLINE = 5.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -57,6 +59,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = limits.HeadReader(self.rfile)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        reader: limits.HeadReader = self.rfile  # type: ignore[assignment]
+        reader.reset()
+        self.command, self.requestline = None, ""  # type: ignore[assignment]
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong as e:  # the request line alone used up the budget
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(e))
+
     def parse_request(self) -> bool:
         ok = super().parse_request()
         if ok and not hasattr(self, "do_" + self.command):
@@ -69,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # the client's fault, not the server's
             code = HTTPStatus.BAD_REQUEST
-        self._send(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+        self._send(code, ApiError(code, explain or message or HTTPStatus(code).phrase).body())
 
     def _send(self, status: int, body: Any, encoded: bytes | None = None, allow: str | None = None) -> None:
         """Status line, headers and body in one write (one syscall, one packet)."""
@@ -113,6 +128,9 @@ class _Handler(BaseHTTPRequestHandler):
             role = self.server.role_of(self.connection)
             if role is None:
                 raise ApiError(403, "client certificate carries no Kiln role")
+            refused = role_refusal(role, self.command, self.path)
+            if refused is not None:  # before the body: a reader cannot make the server hold one
+                raise refused
             body = self._read_body()
             try:
                 req = Request.from_target(self.command, self.path, body, role,
@@ -151,42 +169,66 @@ class _ServerMixin(socketserver.ThreadingMixIn):
     # gets EAGAIN, not a wait (systemd's socket unit uses SOMAXCONN; match it when we bind).
     request_queue_size = socket.SOMAXCONN
     # At most this many connections are served at once; more are closed on arrival, so idle
-    # or stalled peers cannot pile up threads (the remote listener faces the network).
-    max_connections = 64
+    # or stalled peers cannot pile up threads.
+    max_connections = limits.SERVED
     api: Api
-    _slots: threading.BoundedSemaphore | None = None
-    _slots_for = 0
 
     def role_of(self, conn: socket.socket) -> str | None:
         return "admin"  # the local socket: its mode and group are the access control
 
+    def admit(self, request: Any, client_address: Any) -> bool:
+        """Take what a new connection holds from its arrival (here: a served slot)."""
+        return self.take(request, self.budget("served", self.max_connections))
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self._slots is None or self._slots_for != self.max_connections:
-            self._slots, self._slots_for = threading.BoundedSemaphore(self.max_connections), self.max_connections
-        slots = self._slots
-        if not slots.acquire(blocking=False):
-            log.warning("%d connections already open: closing a new one", self.max_connections)
+        if not self.admit(request, client_address):
+            log.warning("connection from %s over the limits: closed on arrival", client_address or "local")
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
-        self._held[id(request)] = slots  # released into the semaphore it was taken from
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._held.pop(id(request)).release()
+            self.give_all(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._held.pop(id(request)).release()
+            self.give_all(request)
+
+    # Each connection's holdings, returned to the budget each came from (a budget resized by a
+    # test while connections hold it gets its own back).
+
+    def budget(self, name: str, total: int, each: int = 0) -> limits.Budget:
+        budgets: dict[str, limits.Budget] = self.__dict__.setdefault("_budgets", {})
+        b = budgets.get(name)
+        if b is None or (b.total, b.each) != (total, each):
+            b = budgets[name] = limits.Budget(total, each)
+        return b
+
+    def take(self, request: Any, budget: limits.Budget, key: str = "") -> bool:
+        if not budget.take(key):
+            return False
+        self._holds.setdefault(id(request), []).append((budget, key))
+        return True
+
+    def give(self, request: Any, budget: limits.Budget) -> None:
+        held = self._holds.get(id(request), [])
+        for i, (b, key) in enumerate(held):
+            if b is budget:
+                del held[i]
+                b.give(key)
+                return
+
+    def give_all(self, request: Any) -> None:
+        for b, key in self._holds.pop(id(request), []):
+            b.give(key)
 
     @property
-    def _held(self) -> dict[int, threading.BoundedSemaphore]:
-        held: dict[int, threading.BoundedSemaphore] | None = self.__dict__.get("_held_slots")
-        if held is None:
-            held = self.__dict__["_held_slots"] = {}
-        return held
+    def _holds(self) -> dict[int, list[tuple[limits.Budget, str]]]:
+        holds: dict[int, list[tuple[limits.Budget, str]]] = self.__dict__.setdefault("_holds_by_request", {})
+        return holds
 
 
 class LocalServer(_ServerMixin, socketserver.UnixStreamServer):
@@ -220,6 +262,11 @@ class RemoteServer(_ServerMixin, socketserver.TCPServer):
         self.server_bind()
         self.server_activate()
 
+    def admit(self, request: Any, client_address: Any) -> bool:
+        """A new connection holds a handshake slot, never a served one: it has proved nothing yet."""
+        handshakes = self.budget("handshakes", limits.HANDSHAKES, limits.HANDSHAKES_PER_SOURCE)
+        return self.take(request, handshakes, _source(client_address))
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(CLIENT_TIMEOUT)
         # The timeout is per receive; a peer sending a byte now and then would never hit it.
@@ -232,17 +279,39 @@ class RemoteServer(_ServerMixin, socketserver.TCPServer):
             return
         finally:
             cutter.done()
+            self.give(request, self.budget("handshakes", limits.HANDSHAKES, limits.HANDSHAKES_PER_SOURCE))
         try:
-            super().finish_request(tls, client_address)
+            if self._serve_slot(request, tls, client_address):
+                super().finish_request(tls, client_address)
         finally:
             with contextlib.suppress(ssl.SSLError, OSError):
                 tls.unwrap()
+
+    def _serve_slot(self, request: Any, tls: ssl.SSLSocket, client_address: Any) -> bool:
+        """A served slot, within the identity's share; refused connections are closed unanswered."""
+        from kiln.host.api.tls import peer_identity
+
+        ident = peer_identity(tls)
+        name = ident[0] if ident else ""  # no role: served once, to be told 403
+        if not self.take(request, self.budget("served", self.max_connections)):
+            log.warning("%d connections already served: closing %s", self.max_connections, client_address)
+            return False
+        if not self.take(request, self.budget("identity", self.max_connections, limits.PER_IDENTITY), name):
+            log.warning("'%s' already holds %d connections: closing %s", name, limits.PER_IDENTITY, client_address)
+            return False
+        return True
 
     def role_of(self, conn: socket.socket) -> str | None:
         from kiln.host.api.tls import peer_identity
 
         ident = peer_identity(conn) if isinstance(conn, ssl.SSLSocket) else None
         return None if ident is None else ident[1]
+
+
+def _source(client_address: Any) -> str:
+    """The peer's address without the port, an IPv4 peer on a dual-stack socket as plain IPv4."""
+    host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+    return host.removeprefix("::ffff:")
 
 
 class _HandshakeDeadline:
@@ -323,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--datastore", type=Path, default=None)
     p.add_argument("--remote", action="store_true", help="serve HTTPS with client certificates instead")
     p.add_argument("--remote-config", type=Path, default=REMOTE_CONFIG)
+    p.add_argument("--address", default=None, help="the remote listener's address (default: every one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     store = Datastore(args.datastore) if args.datastore else Datastore()
@@ -344,11 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"])
         port = int(cfg.get("port") or DEFAULT_REMOTE_PORT)
-        try:
-            server = RemoteServer(api, ctx, "::", port)
-        except OSError:  # no IPv6 on this host
-            server = RemoteServer(api, ctx, "0.0.0.0", port)
-        log.info("remote API listening on port %d (mutual TLS)", port)
+        if args.address:
+            server = RemoteServer(api, ctx, args.address, port)
+        else:
+            try:
+                server = RemoteServer(api, ctx, "::", port)
+            except OSError:  # no IPv6 on this host
+                server = RemoteServer(api, ctx, "0.0.0.0", port)
+        log.info("remote API listening on port %d (mutual TLS)", server.server_address[1])
     else:
         server = LocalServer(api, args.socket, activated_fd())
     serve(server)
