@@ -15,7 +15,17 @@ from typing import Any
 
 import pytest
 
-from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError, NotFound, NothingPending
+from kiln.host.datastore import (
+    DEFAULT_TX,
+    MAX_PENDING_BYTES,
+    MAX_TRANSACTIONS,
+    Datastore,
+    DatastoreError,
+    NotFound,
+    NothingPending,
+    PendingTooLarge,
+    TooManyTransactions,
+)
 from kiln.host.settings import definitions
 from kiln.host.settings.model import InvalidSettings
 
@@ -175,6 +185,39 @@ def test_invalid_transaction_names(store: Datastore, tx: str) -> None:
 
 def test_error_statuses() -> None:
     assert (DatastoreError("x").status, NotFound("x").status, NothingPending("x").status) == (400, 404, 409)
+    assert (TooManyTransactions("x").status, PendingTooLarge("x").status) == (409, 413)
+
+
+def test_pending_transactions_are_capped_in_number(store: Datastore) -> None:
+    for i in range(MAX_TRANSACTIONS):
+        store.patch({"motd": f"tx {i}"}, f"t{i}")
+    before = snapshot(store.root)
+    with pytest.raises(TooManyTransactions, match="commit or discard one"):
+        store.patch({"motd": "one more"}, "extra")
+    assert snapshot(store.root) == before
+    store.patch({"motd": "again"}, "t0")  # a pending one can still change, and be committed
+    store.commit("t0")
+    store.patch({"motd": "now there is room"}, "extra")
+
+
+def test_pending_transactions_are_capped_in_size(store: Datastore) -> None:
+    """About 0.9 MiB of settings per transaction (the API's 1 MiB body): a few fit, then 413."""
+    def fat(tag: str) -> dict[str, Any]:
+        return {"containers": {f"{tag}{i}": {"image": "busybox", "env": {f"E{j}": "x" * 300 for j in range(100)}}
+                               for i in range(25)}}
+    stored = 0
+    for n in range(MAX_TRANSACTIONS):
+        try:
+            store.patch(fat("c"), f"fat{n}")
+        except PendingTooLarge as e:
+            assert "at most" in e.detail and e.path == "tx"
+            break
+        stored = sum(p.stat().st_size for p in (store.version_dir / "pending").glob("*.json"))
+    else:
+        raise AssertionError("no size cap")
+    assert 0 < stored <= MAX_PENDING_BYTES and n >= 2
+    assert not (store.version_dir / "pending" / f"fat{n}.json").exists()
+    assert not list((store.version_dir / "pending").glob(".*"))  # no temporary left behind
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,10 @@ REMOVABLE: tuple[tuple[str, ...], ...] = (
     ("container-registry", "mirrors"), ("container-registry", "credentials"),
 )
 LAUNCH_TX = "kiln-launch"
+# Pending transactions live on PRIVATE (16 MiB, shared with the live settings and migrations):
+# an admin's forgotten or hostile transactions must not fill it.
+MAX_TRANSACTIONS = 32
+MAX_PENDING_BYTES = 4 << 20  # all pending documents together, as stored
 _TX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VERSION = re.compile(r"^v[0-9A-Za-z.+_-]{1,64}$")
 
@@ -64,9 +68,21 @@ class NothingPending(DatastoreError):
     status = 409
 
 
+class TooManyTransactions(DatastoreError):
+    status = 409
+
+
+class PendingTooLarge(DatastoreError):
+    status = 413
+
+
 def encode_definitions(tree: Tree) -> bytes:
-    """The one byte form of definitions, so the image's copy and the store's compare equal."""
+    """The one byte form of every stored document, so the image's copy of the definitions
+    and the store's compare equal."""
     return json.dumps(tree, sort_keys=True, indent=1).encode() + b"\n"
+
+
+_encode = encode_definitions
 
 
 class Datastore:
@@ -121,8 +137,9 @@ class Datastore:
             raise DatastoreError(f"{path} is corrupt: not a JSON object")
         return data
 
-    def _write(self, path: Path, tree: Tree) -> None:
-        atomic_write(path, json.dumps(tree, sort_keys=True, indent=1).encode() + b"\n", mode=0o640)
+    def _write(self, path: Path, tree: Tree | bytes) -> None:
+        data = tree if isinstance(tree, bytes) else _encode(tree)
+        atomic_write(path, data, mode=0o640)
 
     def _pending_path(self, tx: str) -> Path:
         if not _TX.fullmatch(tx):
@@ -189,7 +206,22 @@ class Datastore:
                 check_remote_tls(result)
             path = self._pending_path(tx)
             path.parent.mkdir(exist_ok=True)
-            self._write(path, pending)
+            data = _encode(pending)
+            self._check_room(path, len(data))
+            self._write(path, data)
+
+    def _check_room(self, path: Path, size: int) -> None:
+        """Refuse a pending document that would pass the count or the total size allowed."""
+        others = [p for p in path.parent.glob("*.json") if p != path]
+        if not path.exists() and len(others) >= MAX_TRANSACTIONS:
+            raise TooManyTransactions(
+                f"{len(others)} transactions are pending already (at most {MAX_TRANSACTIONS}): "
+                "commit or discard one first", "tx")
+        total = size + sum(p.stat().st_size for p in others)
+        if total > MAX_PENDING_BYTES:
+            raise PendingTooLarge(
+                f"pending transactions would hold {total} bytes (at most {MAX_PENDING_BYTES}): "
+                "commit or discard some first", "tx")
 
     def discard(self, tx: str = DEFAULT_TX) -> bool:
         with self._writing():
