@@ -50,8 +50,13 @@ EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z", max_length=2
 EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
 Argument = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
 # Workload mounts come from /local only (the host's own directories stay out of reach).
-LocalPath = Annotated[str, Meta(pattern=rf"^/local(/(?!\.\.?(/|$))[^/{_BREAKS}]+)*/?\Z", max_length=1024)]
-ContainerPath = Annotated[str, Meta(pattern=rf"^/((?!\.\.?(/|$))[^/{_BREAKS}]+/?)*\Z", max_length=1024)]
+# Mount paths reach `ctr run --mount type=bind,src=…,dst=…`, which ctr reads as CSV of key=value:
+# a ',', '"' or '=' in a path would add fields of the user's choosing (a second `src=/`).
+_MOUNT_SYNTAX = ',"='
+LocalPath = Annotated[
+    str, Meta(pattern=rf"^/local(/(?!\.\.?(/|$))[^/{_BREAKS}{_MOUNT_SYNTAX}]+)*/?\Z", max_length=1024)]
+ContainerPath = Annotated[
+    str, Meta(pattern=rf"^/((?!\.\.?(/|$))[^/{_BREAKS}{_MOUNT_SYNTAX}]+/?)*\Z", max_length=1024)]
 # Workload memory limit: 4Mi up to 9999999Mi, or 1Gi up to 9999Gi (binary units, as Kubernetes writes them).
 MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)\Z")]
 Cpus = Annotated[float, Meta(ge=0.01, le=1024)]
@@ -221,8 +226,8 @@ _PATTERNS = {
     RegistryHost: "a registry host[:port] or '*'",
     ImageRef: "an image reference ([registry/]name[:tag][@sha256:digest], lowercase name)",
     EnvName: "an environment variable name",
-    LocalPath: "a path under /local (no '.' or '..' parts)",
-    ContainerPath: "an absolute path (no '.' or '..' parts)",
+    LocalPath: "a path under /local (no '.' or '..' parts; no ',', '\"' or '=')",
+    ContainerPath: "an absolute path (no '.' or '..' parts; no ',', '\"' or '=')",
     MemoryLimit: "a size in Mi (at least 4Mi) or Gi, e.g. 512Mi",
     Interval: "a whole number followed by s, m, h or d (e.g. 1h)",
     FleetGroup: "a group name (letters, digits, '.' and '-')",
