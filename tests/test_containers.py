@@ -30,7 +30,7 @@ from kiln.core.errors import KilnError
 from kiln.host.api import routes as api_routes
 from kiln.host.api import stream
 from kiln.host.api.client import ApiRefused
-from kiln.host.containers import ctr, manager, spec, status
+from kiln.host.containers import ctr, manager, mounts, spec, status
 from kiln.host.containers.control import overview
 from kiln.host.containers.spec import Mount, Runtime, Spec, from_settings, normalize_image
 from kiln.oci.push import Credentials, push
@@ -87,10 +87,12 @@ def test_ctr_argv_superpowered_or_confined() -> None:
     assert "KILN_CONTAINER=admin" in argv and argv[-2:] == ["reg.example/admin:1", "host-admin"]
     web = Spec("workload", "web", "reg.example/h", command=("httpd", "-f"), network="none",
                mounts=(Mount("/local/www", "/www", True),))
-    argv = ctr.run_argv(web)
+    with pytest.raises(ValueError, match="needs the staged mount sources"):
+        ctr.run_argv(web)  # never the configured path itself: it could cross a planted symlink
+    argv = ctr.run_argv(web, None, [Path("/run/kiln/mounts/workload-web/0")])
     assert "--seccomp" in argv and "--privileged" not in argv and "--net-host" not in argv
     assert not any("api.sock" in a or "rootfs" in a for a in argv)
-    assert "type=bind,src=/local/www,dst=/www,options=rbind:ro" in argv
+    assert "type=bind,src=/run/kiln/mounts/workload-web/0,dst=/www,options=rbind:ro" in argv
     assert argv[-4:] == ["reg.example/h:latest", "workload-web", "httpd", "-f"]
     assert "--memory-limit" not in argv and "--cpus" not in argv
     argv = ctr.run_argv(Spec("workload", "web", "r/h", memory_limit=64 << 20, cpus=0.25))
@@ -213,6 +215,13 @@ def _wait(cond: Any, what: str, timeout: float = 30) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def prepare_here(s: Spec, tmp_path: Path) -> manager.Prepared:
+    """`manager.prepare` with tmp_path standing for /local (mount sources are under it) and
+    the staging and env directories in it too."""
+    return manager.prepare(s, tmp_path / "persistent", local=tmp_path, staging=tmp_path / "staging",
+                           env_dir=tmp_path / "env")
+
+
 def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always") -> dict[str, Any]:
     return {
         "container-registry": mirror(reg),
@@ -240,7 +249,8 @@ def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
     # Mount sources must be under /local on a host; the model checks that, not the runner.
     manager.pull(web_spec, settings, tmp_path / "state")
     runner = manager.Runner(web_spec, tmp_path / "state", sleep=lambda s: time.sleep(min(s, 0.5)))
-    thread = threading.Thread(target=runner.keep_running, args=(None,), daemon=True)
+    prepared = prepare_here(web_spec, tmp_path)
+    thread = threading.Thread(target=runner.keep_running, args=(prepared,), daemon=True)
     thread.start()
     try:
         _wait(lambda: _get(port), "the workload to serve")
@@ -248,6 +258,7 @@ def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
     finally:
         runner.stop()
         thread.join(40)
+        prepared.release()
         assert not thread.is_alive(), "the runner did not stop"
 
 
@@ -295,18 +306,27 @@ def test_restart_policies(ctrd: Containerd, oci_registry: OciRegistry, tmp_path:
     marker = tmp_path / "runs"
     marker.mkdir()
     # Each run leaves a file; on-failure with a failing command is stopped after 3 runs.
+    secret = "s3cret value, with = and 'quotes'"
     job = Spec("workload", "job", oci_registry.refs["httpd"], restart=restart,  # type: ignore[arg-type]
-               command=("/bin/sh", "-c", f"mktemp /runs/run.XXXXXX; exit {code}"),
-               mounts=(Mount(str(marker), "/runs"),))
+               command=("/bin/sh", "-c", f'printf %s "$SECRET" > /runs/env; mktemp /runs/run.XXXXXX; exit {code}'),
+               env=(("SECRET", secret),), mounts=(Mount(str(marker), "/runs"),))
     manager.pull(job, {"container-registry": mirror(oci_registry)}, tmp_path / "state")
     sleeps: list[float] = []
     runner = manager.Runner(job, tmp_path / "state", sleep=sleeps.append)
     if runs > 1:
         runner.sleep = lambda s: (sleeps.append(s), len(sleeps) >= runs and runner.stop())  # type: ignore[func-returns-value]
-    result = runner.keep_running(None)
+    prepared = prepare_here(job, tmp_path)
+    assert not any(secret in a for a in prepared.argv())  # ctr's command line is world-readable
+    assert prepared.env_file is not None and prepared.env_file.stat().st_mode & 0o777 == 0o600
+    try:
+        result = runner.keep_running(prepared)
+    finally:
+        prepared.release()
+    assert not list((tmp_path / "staging").iterdir())  # the pinned sources are released
     st = status.read(job, tmp_path / "state")
     assert st is not None
-    assert len(list(marker.iterdir())) == runs
+    assert (marker / "env").read_text() == secret
+    assert len(list(marker.glob("run.*"))) == runs
     if runs == 1:
         assert (result, st.state, st.exit_code) == (0 if code == 0 else 1, state, code)
     else:
@@ -512,19 +532,76 @@ def test_registry_passwords_are_hidden_from_readers(api_host: ApiHost) -> None:
 
 def test_user_data_and_persistent_directory(tmp_path: Path) -> None:
     s = Spec("host", "admin", "r/a", user_data=base64.b64encode(b"#!/bin/sh\necho hi\n").decode())
-    d = manager.prepare(s, tmp_path)
+    d = manager.prepare(s, tmp_path).persistent
     assert d == tmp_path / "admin" and (d / "user-data").read_bytes() == b"#!/bin/sh\necho hi\n"
     assert oct((d / "user-data").stat().st_mode & 0o777) == "0o600"
     manager.prepare(Spec("host", "admin", "r/a"), tmp_path)
     assert not (d / "user-data").exists()  # user data removed from the settings: gone here too
     with pytest.raises(KilnError, match=r"host-containers\.admin\.user-data is not valid base64"):
         manager.prepare(Spec("host", "admin", "r/a", user_data="a"), tmp_path)
-    # workload mount sources: a missing one becomes a directory, an existing file stays a file
-    (tmp_path / "conf.json").write_text("{}")
-    web = Spec("workload", "web", "r/h", mounts=(Mount(str(tmp_path / "data/www"), "/www"),
-                                                  Mount(str(tmp_path / "conf.json"), "/etc/conf.json")))
-    assert manager.prepare(web, tmp_path) is None
-    assert (tmp_path / "data/www").is_dir() and (tmp_path / "conf.json").read_text() == "{}"
+
+
+def _mounted_at(path: Path) -> bool:
+    """A mount point per the kernel's table (os.path.ismount misses binds within one file system)."""
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_workload_sources_are_made_and_pinned(tmp_path: Path) -> None:
+    """A missing source becomes a directory, an existing file stays a file; each is bound at
+    a private staging path that is the same object, and released afterwards."""
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "conf.json").write_text("{}")
+    web = Spec("workload", "web", "r/h", mounts=(Mount(str(local / "data/www"), "/www"),
+                                                  Mount(str(local / "conf.json"), "/etc/conf.json", True)),
+               env=(("A", "1"), ("B", "two words")))
+    prepared = manager.prepare(web, tmp_path, local=local, staging=tmp_path / "staging", env_dir=tmp_path / "env")
+    try:
+        assert (local / "data/www").is_dir() and (local / "conf.json").read_text() == "{}"
+        www, conf = prepared.sources
+        assert _mounted_at(www) and os.path.samestat(www.stat(), (local / "data/www").stat())
+        assert conf.read_text() == "{}" and os.path.samestat(conf.stat(), (local / "conf.json").stat())
+        argv = prepared.argv()
+        assert f"type=bind,src={www},dst=/www,options=rbind:rw" in argv
+        assert f"type=bind,src={conf},dst=/etc/conf.json,options=rbind:ro" in argv
+        assert argv[argv.index("--env-file") + 1] == str(tmp_path / "env/workload-web")
+        assert (tmp_path / "env/workload-web").read_text() == "A=1\nB=two words\n"
+        assert "--env" not in argv and not any("two words" in a for a in argv)
+    finally:
+        prepared.release()
+    assert not _mounted_at(www) and not (tmp_path / "staging/workload-web").exists()
+
+
+@pytest.mark.parametrize("where", ["middle", "last", "missing-below"])
+def test_a_symlink_on_the_way_to_a_source_is_refused(tmp_path: Path, where: str) -> None:
+    """A workload that shares /local/shared could plant links there: none is followed, and
+    nothing is created outside /local through one."""
+    local, outside = tmp_path / "local", tmp_path / "host-etc"
+    (local / "shared").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "shadow").write_text("root:x:0:0\n")
+    if where == "last":
+        (local / "shared/etc").symlink_to(outside)
+        source = local / "shared/etc"
+    elif where == "middle":
+        (local / "shared/link").symlink_to(outside)
+        source = local / "shared/link/shadow"
+    else:  # the source does not exist yet: creating it must not go through the link
+        (local / "shared/link").symlink_to(outside)
+        source = local / "shared/link/new/dir"
+    web = Spec("workload", "web", "r/h", mounts=(Mount(str(source), "/data"),))
+    with pytest.raises(mounts.UnsafeMount, match="symlink"):
+        manager.prepare(web, tmp_path, local=local, staging=tmp_path / "staging", env_dir=tmp_path / "env")
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+    assert not (tmp_path / "staging/workload-web").exists()
+
+
+def test_mount_arguments_keep_their_fields() -> None:
+    assert mounts.mount_arg(Path("/run/kiln/mounts/w/0"), "/www", True) == (
+        "type=bind,src=/run/kiln/mounts/w/0,dst=/www,options=rbind:ro")
+    for dst in ["/x,src=/", '/a"b', "/a=b"]:  # the model refuses these; the argument check does too
+        with pytest.raises(mounts.UnsafeMount, match="would change the mount's fields"):
+            mounts.mount_arg(Path("/run/kiln/mounts/w/0"), dst, False)
 
 
 def test_sync_waits_for_the_boot_then_matches_units_to_settings(

@@ -133,7 +133,8 @@ def test_the_real_defaults_validate() -> None:
         ({"containers": {"w": {"stop-timeout": 301}}}, "settings.containers.w.stop-timeout", "expected int <= 300"),
         # lists of tables: the index stays on its own segment
         ({"containers": {"web": {"mounts": [{"source": "/local/a", "destination": "/a"}, {"source": "/etc"}]}}},
-         "settings.containers.web.mounts[1].source", "expected a path under /local (no '.' or '..' parts; no ',', '\"' or '=')"),
+         "settings.containers.web.mounts[1].source",
+         "expected a path under /local (no '.' or '..' parts; no ',', '\"' or '=')"),
         ({"containers": {"web": {"mounts": [{"source": "/local/a", "destination": "/a", "bogus": 1}]}}},
          "settings.containers.web.mounts[0].bogus", "unknown setting"),
     ],

@@ -22,6 +22,7 @@ from typing import Any
 from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_write
 from kiln.core.run import CommandError, run
+from kiln.host.containers.mounts import mount_arg
 from kiln.host.containers.spec import (
     API_SOCKET,
     HOST_USR_MOUNT,
@@ -170,8 +171,15 @@ def tasks(rt: Runtime) -> dict[str, tuple[int, str]]:
     return out
 
 
-def run_argv(spec: Spec, persistent: Path | None = None) -> list[str]:
-    """`ctr run` for `spec`, in the foreground: the manager waits on it and restarts it."""
+def run_argv(spec: Spec, persistent: Path | None = None, sources: Sequence[Path] = (),
+             env_file: Path | None = None) -> list[str]:
+    """`ctr run` for `spec`, in the foreground: the manager waits on it and restarts it.
+
+    A workload's mounts bind `sources` (the pinned sources `mounts.stage` made, in spec
+    order) and its env comes from `env_file`: both are required when the spec has any.
+    """
+    if len(sources) != len(spec.mounts) or (spec.env and env_file is None):
+        raise ValueError(f"{spec.id}: run_argv needs the staged mount sources and the env file")
     argv = [*base(spec.runtime), "run", "--rm", "--label", f"kiln.digest={spec.digest}"]
     if spec.network == "host":
         argv.append("--net-host")
@@ -191,11 +199,10 @@ def run_argv(spec: Spec, persistent: Path | None = None) -> list[str]:
             # Its own name: the persistent directory and user data are under it.
             "--env", f"KILN_CONTAINER={spec.name}",
         ]
-    for m in spec.mounts:
-        mode = "ro" if m.read_only else "rw"
-        argv += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
-    for k, v in spec.env:
-        argv += ["--env", f"{k}={v}"]
+    for m, source in zip(spec.mounts, sources, strict=True):
+        argv += ["--mount", mount_arg(source, m.destination, m.read_only)]
+    if env_file is not None:
+        argv += ["--env-file", str(env_file)]
     if spec.memory_limit:
         argv += ["--memory-limit", str(spec.memory_limit)]
     if spec.cpus:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -34,7 +35,7 @@ from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_write
 from kiln.core.run import run
 from kiln.host.boot.console import say
-from kiln.host.containers import ctr, status
+from kiln.host.containers import ctr, mounts, status
 from kiln.host.containers import spec as spec_mod
 from kiln.host.containers.spec import KINDS, PERSISTENT_ROOT, Kind, Spec, find, from_settings, normalize_image
 from kiln.host.datastore import Datastore
@@ -74,13 +75,39 @@ def pull(spec: Spec, settings: dict[str, Any], state_dir: Path, retry_for: float
             time.sleep(2)
 
 
-def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
-    """The container's persistent directory and its user data; workload mount sources."""
-    for m in spec.mounts:
-        if not os.path.lexists(m.source):  # a missing source becomes a directory (a file may be bound too)
-            Path(m.source).mkdir(parents=True)
+ENV_DIR = Path("/run/kiln/container-env")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What one run of a container needs beside its image, made by `prepare` and given back
+    by `release` when the run ends."""
+
+    spec: Spec
+    persistent: Path | None = None  # host and bootstrap containers: their directory
+    sources: tuple[Path, ...] = ()  # workload mounts: the pinned sources, in spec order
+    env_file: Path | None = None  # workload env (0600): never on ctr's world-readable command line
+    staging: Path = mounts.STAGING
+
+    def argv(self) -> list[str]:
+        return ctr.run_argv(self.spec, self.persistent, self.sources, self.env_file)
+
+    def release(self) -> None:
+        mounts.release(self.spec.id, self.staging)
+
+
+def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT, *, local: Path = mounts.LOCAL,
+            staging: Path = mounts.STAGING, env_dir: Path = ENV_DIR) -> Prepared:
+    """The container's persistent directory and user data; a workload's mount sources
+    (resolved under /local without following links, made if missing) and its env file."""
     if spec.kind == "workload":
-        return None
+        sources = tuple(mounts.stage(spec.id, [m.source for m in spec.mounts], local, staging))
+        env_file = None
+        if spec.env:
+            env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            env_file = env_dir / spec.id
+            atomic_write(env_file, "".join(f"{k}={v}\n" for k, v in spec.env).encode(), mode=0o600)
+        return Prepared(spec, None, sources, env_file, staging)
     d = persistent_root / spec.name
     d.mkdir(parents=True, exist_ok=True, mode=0o750)
     try:
@@ -92,7 +119,7 @@ def prepare(spec: Spec, persistent_root: Path = PERSISTENT_ROOT) -> Path | None:
         atomic_write(user_data, data, mode=0o600)
     else:
         user_data.unlink(missing_ok=True)
-    return d
+    return Prepared(spec, d)
 
 
 def _read_pid(path: Path) -> int | None:
@@ -163,9 +190,9 @@ class Runner:
         finally:
             os.close(exited)
 
-    def keep_running(self, persistent: Path | None) -> int:
+    def keep_running(self, prepared: Prepared) -> int:
         spec, restarts, backoff = self.spec, 0, 1.0
-        argv = ctr.run_argv(spec, persistent)
+        argv = prepared.argv()
         while not self.stopping:
             status.write(spec, "starting", self.state_dir, restarts=restarts)
             started = time.monotonic()
@@ -202,12 +229,15 @@ def run_container(kind: Kind, name: str, state_dir: Path = status.STATE_DIR) -> 
     try:
         start_runtime(spec)
         pull(spec, live_settings(), state_dir, retry_for=PULL_RETRY_FOR)
-        persistent = prepare(spec)
+        prepared = prepare(spec)
     except KilnError as e:
         status.write(spec, "failed", state_dir, detail=str(e))
         print(f"{spec.where}: {e}", file=sys.stderr, flush=True)
         return 1
-    return runner.keep_running(persistent)
+    try:
+        return runner.keep_running(prepared)
+    finally:
+        prepared.release()
 
 
 # -- bootstrap containers --------------------------------------------------------------
@@ -257,10 +287,12 @@ def run_bootstrap(state_dir: Path = status.STATE_DIR,
         try:
             start_runtime(spec)
             pull(spec, live_settings(), state_dir, retry_for=PULL_RETRY_FOR)
-            persistent = prepare(spec)
+            prepared = prepare(spec)
             status.write(spec, "starting", state_dir)
-            code = Runner(spec, state_dir).once(ctr.run_argv(spec, persistent),
-                                                partial(status.write, spec, "running", state_dir))
+            try:
+                code = Runner(spec, state_dir).once(prepared.argv(), partial(status.write, spec, "running", state_dir))
+            finally:
+                prepared.release()
             error = None if code == 0 else f"exited with status {code}"
         except KilnError as e:
             error = str(e)

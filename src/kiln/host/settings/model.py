@@ -47,7 +47,9 @@ ImageRef = Annotated[
     ),
 ]
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z", max_length=256)]
-EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
+# Env values reach the container through a 0600 file of NAME=VALUE lines (ctr --env-file), never
+# ctr's world-readable command line: a line break would end the value there.
+EnvValue = Annotated[str, Meta(pattern=r"^[^\x00\n\r]*\Z", max_length=32768)]
 Argument = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
 # Workload mounts come from /local only (the host's own directories stay out of reach).
 # Mount paths reach `ctr run --mount type=bind,src=…,dst=…`, which ctr reads as CSV of key=value:
@@ -226,6 +228,7 @@ _PATTERNS = {
     RegistryHost: "a registry host[:port] or '*'",
     ImageRef: "an image reference ([registry/]name[:tag][@sha256:digest], lowercase name)",
     EnvName: "an environment variable name",
+    EnvValue: "one line of text (no line break or NUL)",
     LocalPath: "a path under /local (no '.' or '..' parts; no ',', '\"' or '=')",
     ContainerPath: "an absolute path (no '.' or '..' parts; no ',', '\"' or '=')",
     MemoryLimit: "a size in Mi (at least 4Mi) or Gi, e.g. 512Mi",
