@@ -11,6 +11,7 @@ Other API test modules (fuzz, TLS, CLI) start their servers with `running_api` f
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -36,6 +37,7 @@ from kiln.host.api.server import LocalServer
 from kiln.host.boot import storewolf
 from kiln.host.datastore import Datastore
 from kiln.host.render.templates import Templates
+from kiln.host.settings.keys import get_path, parse_key, set_path
 from tests.test_settings_model import VALID as VALID_SETTINGS
 
 pytestmark = pytest.mark.timeout(60)
@@ -742,6 +744,82 @@ def test_reader_may_only_read_and_sees_no_secrets(host: ApiHost) -> None:
         resp = host.api.handle(Request.from_target(method, target, b'{"motd": "x"}', role="reader"))
         assert resp.status == 403 and "may only read" in resp.body["detail"], (method, target)
     assert host.state() == before and host.reboots == []
+
+
+# Every secret-bearing setting, with a value found nowhere else in the host's answers.
+SECRETS: dict[str, Any] = {
+    "containers.web.env.TOKEN": "secret-env-value",
+    "containers.web.command": ["/bin/app", "--password=secret-in-command"],
+    "host-containers.admin.user-data": base64.b64encode(b"secret-host-user-data").decode(),
+    "bootstrap-containers.prep.user-data": base64.b64encode(b"secret-bootstrap-user-data").decode(),
+    "container-registry.credentials.\"reg.example\".password": "secret-registry-password",
+    "api.remote.key": "-----BEGIN PRIVATE KEY-----\nsecret-node-key\n-----END PRIVATE KEY-----\n",
+}
+SHOWN = {  # what an auditor sees beside them
+    "containers.web.image": "reg.example/web:1", "containers.web.memory-limit": "64Mi",
+    "host-containers.admin.source": "reg.example/admin:1", "bootstrap-containers.prep.mode": "once",
+    "container-registry.credentials.\"reg.example\".username": "robot", "network.hostname": "audited",
+}
+
+
+def _tree(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        set_path(tree, parse_key(key), value)
+    return tree
+
+
+def _secret_strings() -> list[str]:
+    """A piece of each secret value, as it would appear in JSON."""
+    return ["secret-env-value", "secret-in-command", SECRETS["host-containers.admin.user-data"],
+            SECRETS["bootstrap-containers.prep.user-data"], "secret-registry-password", "secret-node-key"]
+
+
+def test_reader_view_is_an_allow_list() -> None:
+    from kiln.host.api.redact import REDACTED, reader_view
+
+    tree = _tree(SECRETS | SHOWN) | {"some-future-setting": {"token": "x"}}
+    seen = reader_view(tree)
+    for key in SECRETS:
+        assert get_path(seen, parse_key(key)[:3]) is not None  # the entries' names stay visible
+    assert seen["containers"]["web"] == {"image": "reg.example/web:1", "memory-limit": "64Mi", "env": REDACTED,
+                                         "command": REDACTED}
+    assert seen["host-containers"]["admin"]["user-data"] == REDACTED
+    assert seen["container-registry"]["credentials"] == {"reg.example": {"username": "robot", "password": REDACTED}}
+    assert seen["api"]["remote"]["key"] == REDACTED and seen["network"] == {"hostname": "audited"}
+    assert seen["some-future-setting"] == REDACTED  # not on the list: not shown
+    assert tree["containers"]["web"]["env"] == {"TOKEN": "secret-env-value"}  # the tree itself untouched
+
+
+def test_no_read_path_shows_a_reader_a_secret(host: ApiHost) -> None:
+    """Every GET route, with and without the query parameters that select settings, as a
+    reader: no secret value anywhere in any answer; pending transactions and journals are
+    admins' only."""
+    admin = host.client()
+    admin.request("PATCH", "/settings", _tree(SECRETS | SHOWN))
+    admin.request("POST", "/tx/commit")
+    admin.request("PATCH", "/settings?tx=draft", {"containers": {"web": {"env": {"TOKEN": "secret-env-value"}}}})
+    secrets = _secret_strings()
+    targets = {path for method, path in routes.ROUTES if method == "GET"}
+    queries = ["", "?keys=settings", "?prefix=containers", "?prefix=host-containers", "?tx=draft", "?name=web",
+               "?names=web", *(f"?keys={urllib.parse.quote(k)}" for k in SECRETS)]
+    seen_any = False
+    for target in sorted(targets):
+        for query in queries:
+            resp = host.api.handle(Request.from_target("GET", target + query, role="reader"))
+            text = json.dumps(resp.body) if resp.encoded is None else resp.encoded.decode()
+            leaked = [s for s in secrets if s in text]
+            assert not leaked, (target + query, leaked)
+            seen_any |= resp.status == 200 and "<redacted>" in text
+    assert seen_any
+    for target in ["/tx?tx=draft", "/tx/list", "/containers/logs?name=web"]:
+        resp = host.api.handle(Request.from_target("GET", target, role="reader"))
+        assert resp.status == 403 and "admins only" in resp.body["detail"], target
+    # an admin still sees everything
+    assert host.api.handle(Request.from_target("GET", "/tx?tx=draft")).body["containers"]["web"]["env"] == {
+        "TOKEN": "secret-env-value"}
+    full = json.dumps(host.api.handle(Request.from_target("GET", "/settings")).body)
+    assert all(s in full for s in secrets)
 
 
 # --- bodies and framing --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, cast
 
-from kiln.host.api.routes import Api, ApiError, Request, Response, route
+from kiln.host.api.routes import Api, ApiError, Request, Response, admin_only, route
 from kiln.host.api.stream import PROTOCOL
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ LOG_LINES = 10_000
 def container_logs(api: Api, req: Request) -> Response:
     from kiln.host.containers.control import CURSOR, BadCursor, LogsUnavailable, NoSuchContainer, log_target, logs
 
+    admin_only(req, "a container's journal holds whatever it prints (secrets too)")
     name, kind, cursor = req.arg("name"), req.arg("kind"), req.arg("cursor")
     if name is None or not _NAME.fullmatch(name):
         raise ApiError(400, "expected a container name", "name")

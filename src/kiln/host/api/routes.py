@@ -23,7 +23,7 @@ from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
 from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
-from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
+from kiln.host.settings.errors import InvalidSettings
 from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, parse_key, select, set_path, unflatten
 
 if TYPE_CHECKING:
@@ -178,25 +178,19 @@ class Api:
         return self._update_control
 
     def visible(self, tree: Tree, role: str) -> Tree:
-        """Settings as `role` may see them: secrets are masked for readers."""
+        """Settings as `role` may see them: a reader sees only what redact.READER_VISIBLE allows."""
         if role == "admin":
             return tree
-        out: Tree = json.loads(json.dumps(tree))
-        for secret in SECRET_KEYS:
-            _redact(out, secret)
-        return out
+        from kiln.host.api.redact import reader_view
+
+        seen: Tree = reader_view(tree)
+        return seen
 
 
-def _redact(tree: Any, path: tuple[str, ...]) -> None:
-    """Replace the value at `path` (`*` matches every name in a map) with a marker."""
-    if not isinstance(tree, dict) or not path:
-        return
-    head, rest = path[0], path[1:]
-    for name in list(tree) if head == "*" else [head] if head in tree else []:
-        if rest:
-            _redact(tree[name], rest)
-        else:
-            tree[name] = "<redacted>"
+def admin_only(req: Request, what: str) -> None:
+    """Refuse a reader a GET whose answer is not the host's configuration but admins' business."""
+    if req.role != "admin":
+        raise ApiError(403, f"{what}: role '{req.role}' may not read this (admins only)")
 
 
 def _keys(req: Request, name: str = "keys") -> list[tuple[str, ...]] | None:
@@ -347,7 +341,8 @@ def _fits(path: tuple[str, ...], value: Any) -> bool:
 
 @route("GET", "/tx")
 def get_tx(api: Api, req: Request) -> Response:
-    return Response(200, api.visible(api.store.pending(_tx(req)), req.role))
+    admin_only(req, "pending transactions are admins' drafts")
+    return Response(200, api.store.pending(_tx(req)))
 
 
 @route("DELETE", "/tx")
@@ -360,6 +355,7 @@ def delete_tx(api: Api, req: Request) -> Response:
 
 @route("GET", "/tx/list")
 def list_tx(api: Api, req: Request) -> Response:
+    admin_only(req, "pending transactions are admins' drafts")
     return Response(200, api.store.transactions())
 
 

@@ -11,10 +11,3 @@ class InvalidSettings(ValueError):
         self.detail = detail
         self.path = path
 
-
-# Values a reader must not see through the API (the node's private key, registry
-# passwords); `*` stands for any name in a map.
-SECRET_KEYS: tuple[tuple[str, ...], ...] = (
-    ("api", "remote", "key"),
-    ("container-registry", "credentials", "*", "password"),
-)

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from kiln.host.settings.errors import SECRET_KEYS, InvalidSettings
+from kiln.host.settings.errors import InvalidSettings
 from kiln.host.settings.keys import format_key, format_segment, get_path, set_path
 
-__all__ = ["SECRET_KEYS", "InvalidSettings", "Settings", "to_tree", "validate"]
+__all__ = ["InvalidSettings", "Settings", "to_tree", "validate"]
 
 # Patterns end in \Z, not $: msgspec searches with re.search, where `$` also matches before
 # a final "\n" (which then reached rendered files). One-line values exclude every line break
