@@ -185,12 +185,31 @@ class ContainerRegistry(_S):
     credentials: Annotated[dict[RegistryHost, RegistryCredential], Meta(max_length=64)] | None = None
 
 
+# The fleet CA's revocation list (`kiln pki crl`): ~40 bytes a revoked certificate, so 256 KiB
+# holds thousands.
+Crl = Annotated[str, Meta(pattern=r"^\s*-----BEGIN X509 CRL-----", max_length=262144)]
+
+
 class ApiRemote(_S):
     enabled: bool | None = None
     port: Port | None = None
     ca: Pem | None = None
     certificate: Pem | None = None
     key: Pem | None = None
+    crl: Crl | None = None
+
+    def __post_init__(self) -> None:
+        """A CRL the listener cannot use (another fleet's, damaged) would refuse every client,
+        admins included: check it, against the node's CA and certificate when they are set."""
+        if self.crl is None:
+            return
+        from kiln.core.errors import KilnError
+        from kiln.host.api.tls import check_crl
+
+        try:
+            check_crl(self.crl, self.ca, self.certificate, self.key)
+        except KilnError as e:
+            raise ValueError(e.message.removeprefix("remote API: ")) from None
 
 
 class Api(_S):
@@ -221,6 +240,7 @@ _PATTERNS = {
     UnitName: "a systemd unit name (e.g. containerd.service)",
     Name: "a name of lowercase letters, digits and '-' (at most 63)",
     Pem: "a PEM block",
+    Crl: "a PEM X509 CRL block (kiln pki crl)",
     SysctlName: "a sysctl name (lowercase letters, digits, '_', '-', '.', '/')",
     SysctlValue: "a value on one line",
     TimeServer: "a host name or an IP address",
