@@ -410,9 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg is None:
             log.info("remote API disabled (no node TLS material in settings.api.remote)")
             return 0
-        from kiln.host.api.tls import server_context
+        from kiln.host.api.tls import CRL_FILE, server_context
 
-        ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"])
+        # The CRL is rendered beside the config, and followed without a restart.
+        crl_file = args.remote_config.with_name(CRL_FILE.name)
+        ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"], crl_file=crl_file)
         port = int(cfg.get("port") or DEFAULT_REMOTE_PORT)
         if args.address:
             server = RemoteServer(api, ctx, args.address, port)
