@@ -181,6 +181,33 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
         assert follow.wait(30) == 0
     assert host.until("serving once more", host.web) == "hello from a bootstrap container\n"
 
+    # --- workload mounts stay in /local (real ctr and runc).
+    # The mount syntax: a source that would add `src=/` to ctr's --mount is refused by the API.
+    evil = host.kiln("settings", "set",
+                     'containers.evil.mounts=[{"source": "/local/x,src=/", "destination": "/host"}]')
+    assert evil.returncode == 1 and "settings.containers.evil.mounts[0].source" in evil.stderr, evil.stderr
+    # A workload plants symlinks in a directory it shares; another workload's sources through
+    # them are refused, and nothing is made outside /local through them.
+    host.ok("settings", "set", f"containers.planter.image={ref['httpd']}", "containers.planter.restart=never",
+            'containers.planter.command=["/bin/sh", "-c", '
+            '"ln -s /etc /shared/etc; ln -s / /shared/root; exec sleep 3600"]',
+            'containers.planter.mounts=[{"source": "/local/shared", "destination": "/shared"}]')
+    host.until("the links", lambda: vm.sh("readlink /local/shared/etc /local/shared/root")[1].split() == ["/etc", "/"])
+    host.ok("settings", "set", f"containers.victim.image={ref['httpd']}", f"containers.nosy.image={ref['httpd']}",
+            'containers.victim.command=["/bin/sh", "-c", "cat /data/hostname; exec sleep 3600"]',
+            'containers.victim.mounts=[{"source": "/local/shared/etc", "destination": "/data"}]',
+            'containers.nosy.command=["/bin/sh", "-c", "ls /data; exec sleep 3600"]',
+            'containers.nosy.mounts=[{"source": "/local/shared/root/etc/kiln-made-this", "destination": "/data"}]')
+    for name in ("victim", "nosy"):
+        failed = host.until(f"{name} to be refused",
+                            lambda n=name: (e := host.containers().get(f"workload:{n}", {})).get("state") == "failed"
+                            and e)
+        assert "symlink" in failed["detail"], failed
+    tasks = host.tasks("containerd")
+    assert "workload-planter" in tasks and "workload-victim" not in tasks and "workload-nosy" not in tasks, tasks
+    assert vm.check("test -e /etc/kiln-made-this && echo made || echo none").strip() == "none"
+    host.ok("settings", "unset", "containers.planter", "containers.victim", "containers.nosy")
+
     # --- bad input: clear errors through the API, nothing else disturbed.
     bad = host.kiln("settings", "set", "containers.bad.image=Not An Image")
     assert bad.returncode == 1 and "400" in bad.stderr and "settings.containers.bad.image" in bad.stderr
