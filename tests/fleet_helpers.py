@@ -96,12 +96,16 @@ class SimHost:
     drained: int = 0
     rebooted: threading.Event = field(default_factory=threading.Event)
     commands: list[str] = field(default_factory=list)
+    slot: str = "A"
 
     def settings(self) -> dict[str, Any]:
         return self.updates
 
     def running_version(self) -> str:
         return self.version
+
+    def running_slot(self) -> str:
+        return self.slot
 
     def gate_passed(self) -> bool:
         return self.healthy
@@ -129,6 +133,7 @@ class SimHost:
         assert self.staged
         if self.healthy:
             self.version, self.staged = self.staged, None
+            self.slot = "B" if self.slot == "A" else "A"
         else:  # the gate failed: back on the old slot, a definite failure recorded
             self.failures_log.append({"version": self.staged, "kind": "definite", "reason": "health gate failed",
                                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

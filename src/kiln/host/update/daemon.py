@@ -23,6 +23,7 @@ state machine with fake slots and the fleet simulator with a virtual clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Callable
@@ -147,6 +148,9 @@ class HostPort(Protocol):
 
     def running_version(self) -> str: ...
 
+    def running_slot(self) -> str | None:
+        """The slot booted (A or B), for the fleet's view; None when unknown."""
+
     def gate_passed(self) -> bool:
         """The running slot is marked successful: its health gate passed."""
 
@@ -190,6 +194,7 @@ class Updater:
     client_factory: Callable[[Policy, str], FleetLockClient] = field(
         default=lambda p, node: FleetLockClient(str(p.url), node, p.group, ca=p.ca))
     state: DaemonState = field(init=False)
+    _checked: bool = field(default=False, init=False)  # this pass checked the repository
 
     def __post_init__(self) -> None:
         self.state = DaemonState.load(self.state_path)
@@ -251,7 +256,8 @@ class Updater:
 
     # --- one pass ---------------------------------------------------------------------
     def step(self) -> datetime:
-        """Look, decide, act; returns when to look again."""
+        """Look, decide, act; returns when to look again. After a check of the repository
+        the host tells a Kiln fleet server where it stands (FAILED hosts do on every pass)."""
         now, st = self.now(), self.state
         try:
             p = Policy.from_settings(self.host.settings())
@@ -260,6 +266,14 @@ class Updater:
             self._save()
             return now + DEFAULT_INTERVAL
         st.strategy = p.strategy.value
+        self._checked = False
+        wake = self._step(now, p)
+        if self._checked and st.phase != Phase.FAILED:  # a failed host's heartbeat already told
+            self._tell(p)
+        return wake
+
+    def _step(self, now: datetime, p: Policy) -> datetime:
+        st = self.state
         if p.strategy is Strategy.MANUAL:
             return self._manual(now, p)
         if st.phase == Phase.CONFIRMING:
@@ -323,6 +337,7 @@ class Updater:
             return due
         wake = now + self._jittered(p)
         st.next_check = format_time(wake)
+        self._checked = True
         try:
             self.host.command("refresh")
             state, _, _ = self.host.update_state()
@@ -341,7 +356,7 @@ class Updater:
             st.lock, st.group = Lock.ASKING, p.group
             self._save()  # a crash from here on gives the slot back at the next start
         try:
-            client.pre_reboot(self.host.running_version())
+            client.pre_reboot(self.host.running_version(), self.report(Phase.WAITING_LOCK))
         except LockError as e:
             st.lock = Lock.FREE if st.lock == Lock.ASKING else st.lock
             st.phase = Phase.WAITING_LOCK
@@ -406,6 +421,21 @@ class Updater:
         self._save()
         return now
 
+    def report(self, phase: str | None = None, failure: str | None = None) -> dict[str, Any]:
+        """Where this host stands, as it tells a Kiln fleet server (`kiln` in its requests)."""
+        st = self.state
+        return {"version": self.host.running_version(), "slot": self.host.running_slot(),
+                "state": str(phase or st.phase), "target": st.target, "failure": failure}
+
+    def _tell(self, p: Policy) -> None:
+        """After a check: the report, for the fleet's view. A server that is not Kiln's (404)
+        or does not answer changes nothing here: reporting is never in the way of updating."""
+        client = self._client(p)
+        if client is None or p.strategy is Strategy.MANUAL:
+            return
+        with contextlib.suppress(LockError):
+            client.report(**self.report())
+
     def _heartbeat(self, p: Policy) -> None:
         """While the slot is kept after a failure: tell the server why (also keeps a
         stale-after group from expiring the slot). A server that no longer lists us as a
@@ -415,7 +445,7 @@ class Updater:
         if client is None or st.lock == Lock.FREE:
             return
         try:
-            answer = client.report(self.host.running_version(), st.reason or "update failed")
+            answer = client.report(**self.report(failure=st.reason or "update failed"))
         except LockRefused as e:
             if e.status == 404:  # not a Kiln server: nothing to report to
                 return

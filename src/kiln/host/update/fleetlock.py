@@ -76,17 +76,20 @@ class FleetLockClient:
             raise LockUnreachable(f"{endpoint}: {getattr(e, 'reason', e)}") from None
         return _json(data)
 
-    def pre_reboot(self, version: str | None = None) -> dict[str, Any]:
-        """RecursiveLock: returns when a slot is held, raises LockError otherwise."""
-        return self._post("pre-reboot", {"kiln": {"version": version}} if version else None)
+    def pre_reboot(self, version: str | None = None, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """RecursiveLock: returns when a slot is held, raises LockError otherwise. `report`
+        (what the host runs, see `report`) rides along for a Kiln server."""
+        kiln = {**(report or {}), **({"version": version} if version else {})}
+        return self._post("pre-reboot", {"kiln": kiln} if kiln else None)
 
     def steady_state(self) -> dict[str, Any]:
         """UnlockIfHeld: succeeds also when nothing was held."""
         return self._post("steady-state")
 
-    def report(self, version: str, failure: str | None) -> dict[str, Any]:
-        """Kiln extension: what this host runs, and why its update failed."""
-        return self._post("report", {"kiln": {"version": version, "failure": failure}})
+    def report(self, version: str, failure: str | None, **more: str | None) -> dict[str, Any]:
+        """Kiln extension: what this host runs, and why its update failed; `more` adds the
+        slot, the daemon's state and the version being rolled out (for the fleet's view)."""
+        return self._post("report", {"kiln": {"version": version, "failure": failure, **more}})
 
 
 def _json(data: bytes) -> dict[str, Any]:

@@ -70,6 +70,11 @@ class RealHost:
 
         return os_release().get("version_id", "0.0.0")
 
+    def running_slot(self) -> str | None:
+        from kiln.host.slot import booted_slot
+
+        return booted_slot()
+
     def gate_passed(self) -> bool:
         from kiln.host.slot import Slots
 
