@@ -556,7 +556,8 @@ def test_commit_and_apply_renders_under_render_root(call: Caller, host: ApiHost)
 def test_apply_everything_and_by_keys(call: Caller, host: ApiHost) -> None:
     everything = call.ok("POST", "/tx/apply")
     assert everything["services"] == [
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"]
+        "api-remote", "api-remote-crl", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp",
+        "sysctl", "updater"]
     assert "/etc/hostname" not in everything["written"]  # requires network.hostname, which is unset
     assert (host.render_root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text().endswith(
         "NTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org\n")
@@ -646,8 +647,8 @@ def test_metadata(call: Caller) -> None:
     assert set(generators) == {"settings.network.hostname", "settings.updates.seed"}
     assert "/dev/urandom" in generators["settings.updates.seed"]
     templates = call.ok("GET", "/metadata/templates")
-    assert templates == {n: n for n in ("api-remote", "hostname", "hosts", "lockdown", "motd", "sysctl", "timesyncd",
-                                        "updater")}
+    assert templates == {n: n for n in ("api-remote", "api-remote-crl", "hostname", "hosts", "lockdown", "motd",
+                                        "sysctl", "timesyncd", "updater")}
     assert call.ok("GET", "/metadata/templates?keys=network.hostname,ntp") == {
         "settings.network.hostname": ["hostname", "hosts"], "settings.ntp": ["timesyncd"]}
 
@@ -655,7 +656,8 @@ def test_metadata(call: Caller) -> None:
 def test_services_and_configuration_files(call: Caller) -> None:
     services = call.ok("GET", "/services")
     assert set(services) == {
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"}
+        "api-remote", "api-remote-crl", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp",
+        "sysctl", "updater"}
     assert services["hostname"]["configuration-files"] == ["hostname", "hosts"]
     assert call.ok("GET", "/services?names=motd") == {"motd": {"configuration-files": ["motd"],
                                                                 "restart-commands": []}}

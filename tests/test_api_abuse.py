@@ -197,12 +197,13 @@ def _free_port() -> int:
 def _server_process(tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     fleet = tmp / "fleet"
     pki.init(fleet)
+    node = pki.node_for_user_data(fleet)  # localhost, 127.0.0.1
     pki.issue_client(fleet, "rita", "reader")
     store = bootstrap(tmp, variant_defaults())
     port = _free_port()
-    cfg = tmp / "api-remote.json"
-    cfg.write_text(json.dumps({"ca": (fleet / "ca.crt").read_text(), "certificate": (fleet / "node.crt").read_text(),
-                               "key": (fleet / "node.key").read_text(), "port": port}))
+    cfg = tmp / "api-remote.json"  # the CRL, if any, goes beside it: api-remote-crl.pem
+    cfg.write_text(json.dumps({"ca": (fleet / "ca.crt").read_text(), "certificate": node.cert.read_text(),
+                               "key": node.key.read_text(), "port": port}))
     log = tmp / "server.log"  # a file, not a pipe: nobody reads a pipe during the attack
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "kiln.host.api.server", "--remote", "--remote-config",

@@ -4,6 +4,7 @@ without the right certificates, and the workstation CLI (`kiln --endpoint ... --
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -15,6 +16,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -38,8 +40,9 @@ class Remote:
     host: ApiHost
     server: RemoteServer
     port: int
-    fleet: Path  # clients: admin, rita (reader), old (expired admin), norole (no O=kiln:<role>)
-    other: Path  # another fleet: its own CA and admin
+    fleet: Path  # node localhost (the server's); clients: admin, rita (reader), old (expired admin),
+    #              norole (no O=kiln:<role>)
+    other: Path  # another fleet: its own CA, admin and node localhost
 
     def client(self, ctx: ssl.SSLContext) -> Client:
         return Client.remote("127.0.0.1", self.port, ctx, timeout=TIMEOUT)
@@ -69,8 +72,10 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
                      not_after=now - dt.timedelta(days=1))
     _no_role_client(fleet)
     pki.init(other)
-    ctx = server_context(*((fleet / n).read_text() for n in ("ca.crt", "node.crt", "node.key")))
+    pki.node_for_user_data(other)
     with running_api(base / "host", serve=False) as host:
+        # As kiln-apiserver --remote does: the CRL rendered beside api-remote.json is followed.
+        ctx = _node_context(fleet, host.render_root / "etc/kiln/api-remote-crl.pem")
         server = RemoteServer(host.api, ctx, "127.0.0.1", 0)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
@@ -81,6 +86,12 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
             server.server_close()
             thread.join(TIMEOUT)
             assert not thread.is_alive()
+
+
+def _node_context(fleet: Path, crl_file: Path, node: str | None = None, addresses: list[str] | None = None
+                  ) -> ssl.SSLContext:
+    remote = tomllib.loads(pki.user_data(fleet, node, addresses))["settings"]["api"]["remote"]
+    return server_context(remote["ca"], remote["certificate"], remote["key"], crl_file=crl_file)
 
 
 @pytest.fixture
@@ -111,7 +122,7 @@ def test_reader_reads_with_secrets_redacted_and_cannot_write(r: Remote) -> None:
     assert seen["key"] == "<redacted>"
     assert seen["ca"] == (r.fleet / "ca.crt").read_text() and seen["port"] == 50000
     assert r.as_("admin").request("GET", "/settings?prefix=api")["api"]["remote"]["key"] == (
-        r.fleet / "node.key").read_text()
+        r.fleet / "nodes/localhost.key").read_text()
     assert reader.request("GET", "/os?prefix=version") == {"version_id": "1.0.0"}
 
     before = r.host.state()
@@ -210,6 +221,89 @@ def test_workstation_cli_needs_pki_and_a_port(capsys: pytest.CaptureFixture[str]
     assert "must be HOST:PORT" in capsys.readouterr().err
 
 
+# --- per-node identity and revocation ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serving(api: Any, ctx: ssl.SSLContext) -> Iterator[int]:
+    """Another RemoteServer over the same API on 127.0.0.1, for as long as the block runs: its port."""
+    server = RemoteServer(api, ctx, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+def test_node_a_certificate_is_refused_at_node_b_address(r: Remote, capsys: pytest.CaptureFixture[str]) -> None:
+    """A listener on node B's address (127.0.0.1) presenting node A's certificate and key, as
+    whoever stole them would: the workstation refuses it unless it asked for node A by name."""
+    pki.issue_node(r.fleet, "node-b", ["127.0.0.1"])
+    crl = r.host.render_root / "etc/kiln/api-remote-crl.pem"
+    with _serving(r.host.api, _node_context(r.fleet, crl, "node-a", ["10.0.0.1"])) as port:
+        endpoint = ["--endpoint", f"127.0.0.1:{port}", "--pki", str(r.fleet)]
+        assert kiln_main([*endpoint, "settings", "get", "motd"]) == 1
+        err = capsys.readouterr().err
+        assert "IP address mismatch, certificate is not valid for '127.0.0.1'" in err, err
+        assert "hint: the node's certificate does not name 127.0.0.1" in err and "--node-name" in err
+        assert kiln_main([*endpoint, "--node-name", "node-b", "settings", "get", "motd"]) == 1
+        assert "Hostname mismatch, certificate is not valid for 'node-b'" in capsys.readouterr().err
+        # Asked for by its own name, node A is who it says it is.
+        assert kiln_main([*endpoint, "--node-name", "node-a", "settings", "get", "motd"]) == 0
+        assert capsys.readouterr().out == 'settings.motd = "Welcome to Kiln!"\n'
+        with pytest.raises(ApiUnreachable, match=r"https://127.0.0.1:\d+ \(as node-b\) failed: Hostname mismatch"):
+            Client.remote("127.0.0.1", port, pki.client_context(r.fleet), TIMEOUT, "node-b").request("GET", "/os")
+    # Node B's own certificate passes at its address.
+    with _serving(r.host.api, _node_context(r.fleet, crl, "node-b")) as port:
+        assert Client.remote("127.0.0.1", port, pki.client_context(r.fleet), TIMEOUT).request("GET", "/tx/list") == []
+
+
+def test_a_revoked_admin_is_refused_without_restarting_anything(r: Remote) -> None:
+    """Revoke, push the CRL through the API as an admin, and the revoked admin's next
+    connection is refused by the same listener; the CRL alone restarts no service."""
+    pki.issue_client(r.fleet, "eve", "admin")
+    eve = r.as_("eve")  # its context holds the certificate: revoking moves the files away
+    admin = r.as_("admin")
+    remote = tomllib.loads(pki.user_data(r.fleet))["settings"]["api"]["remote"]
+    admin.request("PATCH", "/settings", {"api": {"remote": {k: v for k, v in remote.items() if k != "crl"}}})
+    admin.request("POST", "/tx/commit_and_apply")
+    assert eve.request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
+    listening = r.server.socket
+
+    pki.revoke(r.fleet, "eve")
+    eve.request("PATCH", "/settings", tomllib.loads(pki.crl_toml(r.fleet))["settings"])  # eve, before it is told
+    applied = admin.request("POST", "/tx/commit_and_apply")
+    assert applied["changed"] == ["settings.api.remote.crl"]
+    assert applied["apply"]["services"] == ["api-remote-crl"]  # not api-remote: no restart command runs
+    assert applied["apply"]["written"] == ["/etc/kiln/api-remote-crl.pem"]
+    assert (r.host.render_root / "etc/kiln/api-remote-crl.pem").read_text() == (r.fleet / "crl.pem").read_text()
+
+    with pytest.raises(ApiUnreachable, match=r"TLS with https://127\.0\.0\.1"):
+        eve.request("GET", "/settings?keys=motd")
+    assert admin.request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
+    assert r.server.socket is listening and listening.fileno() != -1  # the same listener, never restarted
+
+
+def test_the_apiserver_process_follows_the_crl_beside_its_config(tmp_path: Path) -> None:
+    """`kiln-apiserver --remote` itself: a CRL written beside api-remote.json holds at the next
+    connection, in the same process."""
+    from tests.test_api_abuse import _server_process
+
+    with _server_process(tmp_path) as (proc, port, fleet):
+        pki.issue_client(fleet, "eve", "admin")
+        eve = Client.remote("127.0.0.1", port, pki.client_context(fleet, "eve"), timeout=TIMEOUT)
+        assert eve.request("GET", "/tx/list") == []
+        pki.revoke(fleet, "eve")
+        (tmp_path / "api-remote-crl.pem").write_bytes((fleet / "crl.pem").read_bytes())
+        with pytest.raises(ApiUnreachable):
+            eve.request("GET", "/tx/list")
+        admin = Client.remote("127.0.0.1", port, pki.client_context(fleet, "admin"), timeout=TIMEOUT)
+        assert admin.request("GET", "/tx/list") == [] and proc.poll() is None
+
+
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
     """True when the server closes `sock` (EOF or reset) within `within` seconds."""
     sock.settimeout(within)
@@ -236,8 +330,8 @@ def test_node_tls_material_that_does_not_load_is_refused(remote: Remote) -> None
     """A mismatched key would stop the remote listener for good: refuse it before it is stored."""
     admin = remote.as_("admin")
     good = {n: (remote.fleet / f).read_text() for n, f in
-            (("ca", "ca.crt"), ("certificate", "node.crt"), ("key", "node.key"))}
-    wrong_key = (remote.other / "node.key").read_text()
+            (("ca", "ca.crt"), ("certificate", "nodes/localhost.crt"), ("key", "nodes/localhost.key"))}
+    wrong_key = (remote.other / "nodes/localhost.key").read_text()
     with pytest.raises(ApiRefused) as refused:
         admin.request("PATCH", "/settings?tx=tls", {"api": {"remote": {**good, "key": wrong_key}}})
     assert refused.value.status == 400

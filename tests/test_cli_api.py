@@ -197,7 +197,7 @@ def test_tx_commands_human(kiln: Run, host: ApiHost) -> None:
     code, _, err = kiln("tx", "discard", "--tx", "other")
     assert code == 1 and "API refused (404)" in err
     code, out, _ = kiln("tx", "apply")
-    services = "api-remote, containers, host-containers, hostname, lockdown, motd, ntp, sysctl, updater"
+    services = "api-remote, api-remote-crl, containers, host-containers, hostname, lockdown, motd, ntp, sysctl, updater"
     assert code == 0 and out.startswith(f"changed: nothing\nservices: {services}\n")
     assert (host.render_root / "etc/hostname").read_text() == "h1\n"
     kiln("settings", "set", "--no-apply", "motd=three")
@@ -211,7 +211,8 @@ def test_tx_commands_json(kiln: Run) -> None:
     assert kiln.json("tx", "show", "--tx", "j") == {"motd": "j"}
     assert kiln.json("tx", "commit", "--tx", "j") == ["settings.motd"]
     assert kiln.json("tx", "apply")["services"] == [
-        "api-remote", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp", "sysctl", "updater"]
+        "api-remote", "api-remote-crl", "containers", "host-containers", "hostname", "lockdown", "motd", "ntp",
+        "sysctl", "updater"]
     kiln("settings", "set", "--no-apply", "motd=k")
     assert kiln.json("tx", "commit-and-apply")["changed"] == ["settings.motd"]
     kiln("settings", "set", "--no-apply", "motd=l")

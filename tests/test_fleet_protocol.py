@@ -305,16 +305,17 @@ def test_https_with_the_fleet_pki(etcd: EtcdCluster, group: str, tmp_path: Path)
     from kiln.host.update.fleetlock import FleetLockClient, LockUnreachable
 
     d = tmp_path / "pki"
-    pki.init(d, sans=["127.0.0.1"])
+    pki.init(d)
+    server = pki.issue_node(d, "fleet", ["127.0.0.1"])
     ca = (d / "ca.crt").read_text()
-    with fleet_server_thread(etcd.endpoints, tls=tls_context(str(d / "node.crt"), str(d / "node.key"))) as url:
+    with fleet_server_thread(etcd.endpoints, tls=tls_context(str(server.cert), str(server.key))) as url:
         assert url.startswith("https://")
         assert FleetLockClient(url, "a", group, ca=ca).pre_reboot()["kind"] == "granted"
         with pytest.raises(LockUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
             FleetLockClient(url, "b", group).pre_reboot()  # the system's CAs do not know the fleet's
         with pytest.raises(LockUnreachable):
             FleetLockClient(url.replace("https", "http"), "b", group).pre_reboot()
-    mutual = tls_context(str(d / "node.crt"), str(d / "node.key"), str(d / "ca.crt"))
+    mutual = tls_context(str(server.cert), str(server.key), str(d / "ca.crt"))
     with fleet_server_thread(etcd.endpoints, tls=mutual) as url:
         with pytest.raises(LockUnreachable):
             FleetLockClient(url, "b", group, ca=ca).pre_reboot()  # no client certificate
@@ -371,7 +372,7 @@ def test_etcd_over_tls_with_client_certificates(tmp_path: Path) -> None:
     from kiln.vm.qemu import free_port
 
     d = tmp_path / "pki"
-    pki.init(d, sans=["127.0.0.1"])
+    pki.init(d)
     member_cert, member_key = etcd_member_cert(d)
     client, peer = free_port(), free_port()
     url = f"https://127.0.0.1:{client}"

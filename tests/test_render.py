@@ -35,7 +35,7 @@ REAL_DEFAULTS = ROOT / "variants/settings/defaults.toml"
 REAL_TEMPLATES = ROOT / "variants/settings/templates"
 
 
-def _node_material() -> tuple[str, str, str]:
+def _node_material() -> tuple[str, str, str, str]:
     """Real node TLS material (the datastore refuses material that does not load together)."""
     import tempfile
 
@@ -44,11 +44,13 @@ def _node_material() -> tuple[str, str, str]:
     with tempfile.TemporaryDirectory(prefix="kiln-test-pki-") as tmp:
         fleet = Path(tmp) / "fleet"
         pki.init(fleet)
-        ca, cert, key = ((fleet / n).read_text() for n in ("ca.crt", "node.crt", "node.key"))
-    return ca, cert, key
+        node = pki.node_for_user_data(fleet)
+        ca, cert, key = ((fleet / "ca.crt").read_text(), node.cert.read_text(), node.key.read_text())
+        crl = (fleet / "crl.pem").read_text()
+    return ca, cert, key, crl
 
 
-CA, CERT, KEY = _node_material()
+CA, CERT, KEY, CRL = _node_material()
 
 # -- front matter ---------------------------------------------------------------------------
 
@@ -333,6 +335,15 @@ def test_real_api_remote(tmp_path: Path, remote: dict[str, Any], expected: int |
         assert text == ""
     else:
         assert json.loads(text) == {"port": expected, "ca": CA, "certificate": CERT, "key": KEY}
+
+
+def test_real_api_remote_crl_is_a_file_of_its_own(tmp_path: Path) -> None:
+    """The CRL goes to its own file (which the listener follows, no restart), not into api-remote.json."""
+    files = render_real(tmp_path, {"api": {"remote": {"ca": CA, "certificate": CERT, "key": KEY, "crl": CRL}}})
+    assert files["/etc/kiln/api-remote-crl.pem"] == CRL
+    assert "crl" not in json.loads(files["/etc/kiln/api-remote.json"] or "")
+    assert stat.S_IMODE((tmp_path / "root/etc/kiln/api-remote-crl.pem").stat().st_mode) == 0o644
+    assert render_real(tmp_path / "none", {})["/etc/kiln/api-remote-crl.pem"] is None  # unset: no file
 
 
 CONTEXTS: list[dict[str, Any]] = [

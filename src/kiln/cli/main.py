@@ -27,7 +27,8 @@ def make_client(args: argparse.Namespace) -> Client:
         raise KilnError("--endpoint needs --pki DIR (the fleet CA and a client certificate)")
     from kiln import pki
 
-    return Client.remote(host.strip("[]"), int(port), pki.client_context(args.pki, args.client))
+    return Client.remote(host.strip("[]"), int(port), pki.client_context(args.pki, args.client),
+                         server_name=args.node_name)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     remote.add_argument("--endpoint", metavar="HOST:PORT", help="a host's mutual-TLS API (default: the local socket)")
     remote.add_argument("--pki", type=Path, metavar="DIR", help="the fleet PKI directory (kiln pki init)")
     remote.add_argument("--client", default="admin", metavar="NAME", help="client certificate in DIR/clients")
+    remote.add_argument("--node-name", metavar="NAME",
+                        help="the name the node's certificate must carry (default: HOST of --endpoint; "
+                             "for port forwards and addresses not in the certificate)")
     host_api.add_connection_options(p, remote=True)
     p.set_defaults(make_client=make_client)
     sub = p.add_subparsers(dest="command", required=True)

@@ -147,6 +147,49 @@ def _key_usage(
     )
 
 
+def make_crl(
+    issuer: Issuer, revoked: Sequence[tuple[int, dt.datetime]], number: int
+) -> x509.CertificateRevocationList:
+    """A CRL of `revoked` (serial, revocation date), numbered `number`.
+
+    It starts CLOCK_SKEW in the past like the certificates (a node whose clock runs behind
+    would take a CRL "not yet valid" for a reason to refuse every client) and runs until the
+    CA expires: a CRL past its next update refuses every client too, and nothing here
+    republishes one on a schedule.
+    """
+    ca_ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(now() - CLOCK_SKEW)
+        .next_update(issuer.cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    for serial, when in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(issuer.key, hashes.SHA256())
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def load_crl(data: bytes, ca: x509.Certificate, source: str) -> x509.CertificateRevocationList:
+    """Parse a CRL and make sure the CA `ca` signed it; `source` names the file in errors."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as e:
+        raise KilnError(f"{source}: not a PEM CRL: {e}") from None
+    public_key = ca.public_key()
+    if crl.issuer != ca.subject or not (
+        isinstance(public_key, ec.EllipticCurvePublicKey) and crl.is_signature_valid(public_key)
+    ):
+        raise KilnError(f"{source}: this CRL was not signed by the fleet CA beside it")
+    return crl
+
+
 def load_issuer(cert_data: bytes, key_data: bytes, source: str) -> Issuer:
     """Parse a CA written by `make_ca`; `source` names the files in errors."""
     try:

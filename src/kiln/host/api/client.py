@@ -20,6 +20,8 @@ from kiln.core.errors import KilnError
 
 SOCKET = Path("/run/kiln/api.sock")
 TIMEOUT = 120.0  # an apply restarts services; under emulation that takes a while
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_REVOKED = 23  # X509_V_ERR_CERT_REVOKED
 
 
 class ApiUnreachable(KilnError):
@@ -50,32 +52,74 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+class _TLSConnection(http.client.HTTPSConnection):
+    """HTTPS that checks the certificate against `server_name` rather than the host dialled:
+    a node reached through a port forward or by another address still has to prove its name."""
+
+    def __init__(self, host: str, port: int, server_name: str, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.server_name = server_name
+        self.tls_context = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
 @dataclass
 class Client:
-    """`Client.local()` on the host; `Client.remote(host, port, ssl_context)` from a workstation."""
+    """`Client.local()` on the host; `Client.remote(host, port, ssl_context)` from a workstation.
+
+    Remotely, the node's certificate must name `server_name` (default: `host`): a DNS name
+    against its DNS SANs, an IP address against its IP SANs.
+    """
 
     socket_path: Path | None = SOCKET
     host: str = ""
     port: int = 0
     context: ssl.SSLContext | None = None
     timeout: float = TIMEOUT
+    server_name: str = ""
 
     @classmethod
     def local(cls, path: Path = SOCKET, timeout: float = TIMEOUT) -> Client:
         return cls(socket_path=path, timeout=timeout)
 
     @classmethod
-    def remote(cls, host: str, port: int, context: ssl.SSLContext, timeout: float = TIMEOUT) -> Client:
-        return cls(socket_path=None, host=host, port=port, context=context, timeout=timeout)
+    def remote(
+        cls, host: str, port: int, context: ssl.SSLContext, timeout: float = TIMEOUT, server_name: str | None = None
+    ) -> Client:
+        return cls(socket_path=None, host=host, port=port, context=context, timeout=timeout,
+                   server_name=server_name or host)
 
     @property
     def where(self) -> str:
-        return str(self.socket_path) if self.socket_path else f"https://{self.host}:{self.port}"
+        if self.socket_path:
+            return str(self.socket_path)
+        named = f" (as {self.server_name})" if self.server_name and self.server_name != self.host else ""
+        return f"https://{self.host}:{self.port}{named}"
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.socket_path is not None:
             return _UnixConnection(self.socket_path, self.timeout)
-        return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        assert self.context is not None
+        return _TLSConnection(self.host, self.port, self.server_name or self.host, self.timeout, self.context)
+
+    def _tls_failed(self, e: ssl.SSLError) -> ApiUnreachable:
+        """Say which check failed (name, revocation, CA) and what to do about it."""
+        if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+            why = e.verify_message
+            if e.verify_code in _NAME_MISMATCH:
+                hint = (f"the node's certificate does not name {self.server_name}: connect by one of its names, "
+                        "or give --node-name NAME (the name it was issued for)")
+            elif e.verify_code == _REVOKED:
+                hint = "the node's certificate is on the fleet CRL: issue it a new one (kiln pki user-data)"
+            else:
+                hint = "is the --pki directory the one this host's user data came from?"
+            return ApiUnreachable(f"TLS with {self.where} failed: {why}", hint=hint)
+        return ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}",
+                              hint="is the --pki directory the one this host's user data came from? "
+                                   "(a revoked client certificate is refused too)")
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request; the decoded JSON answer (None for 204), or ApiRefused/ApiUnreachable."""
@@ -87,8 +131,7 @@ class Client:
             resp = conn.getresponse()
             raw = resp.read()
         except ssl.SSLError as e:
-            raise ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}",
-                                 hint="is the --pki directory the one this host's user data came from?") from None
+            raise self._tls_failed(e) from None
         except (OSError, http.client.HTTPException) as e:
             raise ApiUnreachable(f"cannot reach the Kiln API at {self.where}: {e}") from None
         finally:
@@ -120,7 +163,7 @@ class Client:
                     raise ApiUnreachable(f"{self.where} sent an oversized response head")
         except ssl.SSLError as e:
             conn.close()
-            raise ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}") from None
+            raise self._tls_failed(e) from None
         except OSError as e:
             conn.close()
             raise ApiUnreachable(f"cannot reach the Kiln API at {self.where}: {e}") from None
