@@ -117,6 +117,9 @@ class Client:
             else:
                 hint = "is the --pki directory the one this host's user data came from?"
             return ApiUnreachable(f"TLS with {self.where} failed: {why}", hint=hint)
+        if e.reason == "SSLV3_ALERT_CERTIFICATE_REVOKED":
+            return ApiUnreachable(f"TLS with {self.where} failed: the node says this client's certificate is revoked",
+                                  hint="use another client certificate (--client), or issue a new one")
         return ApiUnreachable(f"TLS with {self.where} failed: {e.reason or e}",
                               hint="is the --pki directory the one this host's user data came from? "
                                    "(a revoked client certificate is refused too)")
