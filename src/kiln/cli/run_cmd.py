@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("image", type=Path, help="disk image, or a build directory containing disk.img")
     p.add_argument("--headless", action="store_true",
                    help="no console: wait for the ready line, report, then power off (see --keep-running)")
-    p.add_argument("--keep-running", action="store_true", help="with --headless: stay up until Ctrl-C")
+    p.add_argument("--keep-running", action="store_true",
+                   help="with --headless: stay up through guest reboots until Ctrl-C, SIGTERM or a guest power-off")
     p.add_argument("--serial-log", type=Path, help="append the serial console to this file")
     p.add_argument("--forward", action="append", default=[], metavar="HOSTPORT:GUESTPORT",
                    help="forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (repeatable)")
@@ -35,7 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                    help="auto uses KVM only when it really works here")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the ready line")
-    p.add_argument("--json", action="store_true", help="with --headless: print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="with --headless: print one JSON object per boot")
     p.set_defaults(func=run)
 
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             vm = Vm(cfg, interactive=True).start()
             print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)
             try:
-                return vm.wait_exit(timeout=10**9)
+                return vm.wait_exit()
             except KeyboardInterrupt:
                 vm.shutdown()
                 return 130
@@ -68,13 +71,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _headless(vm: Vm, args: argparse.Namespace) -> int:
+    """Boot, report the ready line; with --keep-running, follow the guest through its
+    reboots (an update, a rollback: each a new QEMU) until Ctrl-C, SIGTERM or its own
+    power-off. Returns 1 if the VM ended any other way than a power-off."""
+    from kiln.vm.qemu import READY_RE, Ending
+
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     quiet = args.json
-    vm.start()
+    by_itself = True
     try:
+        vm.start()
         if not quiet:
             where = f"serial log: {args.serial_log}" if args.serial_log else "headless"
             print(f"kiln: booting {vm.cfg.image} ({where})", file=sys.stderr)
@@ -84,21 +93,55 @@ def _headless(vm: Vm, args: argparse.Namespace) -> int:
         info = {"ready": ready.group(0), "version": ready.group(1), "variant": ready.group(2),
                 "slot": ready.group(3), "seconds_to_ready": round(seconds, 1), "status": report}
         if quiet:
-            print(json.dumps(info))
+            print(json.dumps(info), flush=True)
         else:
             print(ready.group(0), flush=True)
             print(f"kiln: ready after {seconds:.1f} s; {report}", flush=True)
         if args.keep_running:
             if not quiet:
-                print("kiln: running; Ctrl-C powers the guest off", file=sys.stderr)
-            vm.wait_exit(timeout=10**9)
+                print("kiln: running; Ctrl-C (or SIGTERM) powers the guest off", file=sys.stderr)
+            for again in vm.watch(READY_RE):  # ends only when the VM ends by itself
+                _report_reboot(vm, again, quiet)
+        else:
+            by_itself = False
     except KeyboardInterrupt:
-        pass
+        by_itself = False
     finally:
         if vm.running:
+            by_itself = False
             if not quiet:
                 print("kiln: powering off", file=sys.stderr)
-            clean = vm.shutdown()
-            if not quiet:
-                print(f"kiln: guest {'powered off cleanly' if clean else 'killed'}", file=sys.stderr)
-    return 0
+            try:
+                vm.shutdown()
+            except KeyboardInterrupt:  # asked twice: no more waiting
+                vm.kill()
+        else:
+            vm.kill()  # reaps and joins the reader; nothing runs any more
+        if not quiet and vm.ending is not None:
+            print(f"kiln: {_say(vm, by_itself)}", file=sys.stderr)
+    ok = vm.ending in (Ending.POWERED_OFF, Ending.REBOOTED) or (not by_itself and vm.ending == Ending.KILLED)
+    return 0 if ok else 1
+
+
+def _say(vm: Vm, by_itself: bool) -> str:
+    """How the VM ended, for the operator (from `Vm.ending`)."""
+    if vm.ending == "powered off":
+        return "the guest powered off by itself" if by_itself else "guest powered off cleanly"
+    if vm.ending == "rebooted":
+        return "guest shut down (it was rebooting) and was not started again"
+    if vm.ending == "killed":
+        return "QEMU was killed from outside" if by_itself else "guest killed (it did not power off in time)"
+    tail = "\n".join(vm.output.rstrip("\n").splitlines()[-5:])
+    return f"QEMU failed; its last output:\n{tail}"
+
+
+def _report_reboot(vm: Vm, ready: re.Match[str], quiet: bool) -> None:
+    """The ready line of a boot after a guest reboot, timed from that boot's QEMU start."""
+    seconds = vm.time_at(ready.start()) - vm.launched_at(ready.start())
+    if quiet:
+        print(json.dumps({"ready": ready.group(0), "version": ready.group(1), "variant": ready.group(2),
+                          "slot": ready.group(3), "seconds_to_ready": round(seconds, 1),
+                          "reboots": vm.relaunches}), flush=True)
+    else:
+        print(ready.group(0), flush=True)
+        print(f"kiln: ready again after a guest reboot ({seconds:.1f} s from power-on)", flush=True)

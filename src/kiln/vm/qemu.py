@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +28,38 @@ from kiln.core.run import run, which
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 READY_RE = re.compile(r"kiln: ready version=(\S+) variant=(\S+) slot=([AB])")
+POWER_DOWN = "reboot: Power down"  # the guest kernel's last line before an ACPI power-off (KERN_EMERG)
+HOST_SIGNAL = "qemu-system-x86_64: terminating on signal"  # QEMU's stderr (merged): SIGTERM/SIGINT exit 0
+
+
+class Ending(StrEnum):
+    """How a VM ended, as a whole (a guest reboot under cold_reboot is not an ending)."""
+
+    POWERED_OFF = "powered off"  # the guest powered off, by itself or at the power button
+    REBOOTED = "rebooted"  # the guest reset while being powered off: it had shut down, so no next QEMU
+    KILLED = "killed"  # kill(), or a signal sent to QEMU from the host
+    FAILED = "failed"  # QEMU exited with an error
+
+
+def after_exit(*, returncode: int, powered_off: bool, host_signal: bool, cold_reboot: bool,
+               killed: bool, powering_off: bool) -> Ending | None:
+    """What one QEMU's exit means for the VM: None to start the next QEMU (a guest reset).
+
+    With -no-reboot QEMU exits 0 on a reset and on a power-off alike; the serial console
+    tells them apart. Only a reset that nobody asked to stop starts a new QEMU: a failing
+    QEMU (status != 0, e.g. a forwarded port in use) must not be relaunched forever.
+    """
+    if killed:
+        return Ending.KILLED
+    if returncode != 0:
+        return Ending.KILLED if returncode < 0 else Ending.FAILED
+    if host_signal:
+        return Ending.KILLED
+    if powered_off or not cold_reboot:  # without -no-reboot, QEMU exits 0 only at a power-off
+        return Ending.POWERED_OFF
+    if powering_off:
+        return Ending.REBOOTED
+    return None
 
 
 _KVM: bool | None = None
@@ -130,7 +163,12 @@ class VmConfig:
 
 
 class Vm:
-    """A running QEMU. Serial output is collected by a thread and searchable with wait_for."""
+    """A guest under QEMU: one QEMU, or with cold_reboot the chain of QEMUs its reboots make.
+
+    Serial output is collected by a thread and searchable with wait_for. The VM as a whole
+    ends only when the guest powers off, kill() or shutdown() is called, or QEMU fails;
+    `ending` then says which.
+    """
 
     def __init__(
         self, cfg: VmConfig, serial_log: Path | None = None, echo: IO[str] | None = None, interactive: bool = False
@@ -139,7 +177,7 @@ class Vm:
         self.interactive = interactive
         self.serial_log = serial_log
         self.echo = echo
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the QEMU running now (replaced at each relaunch)
         self._buf = ""
         self._pos = 0  # wait_for searches from here
         self._cond = threading.Condition()
@@ -148,8 +186,11 @@ class Vm:
         self.boots: list[float] = []
         self._argv: list[str] = []
         self._stopping = False  # set by kill(): no relaunch after a reset from then on
+        self._powering_off = False  # set by shutdown(): a reset ends the VM instead of relaunching
         self._launched_at = 0  # buffer offset where the current QEMU's output starts
+        self.launches: list[tuple[int, float]] = []  # (buffer offset, monotonic time) of each QEMU start
         self.relaunches = 0
+        self.ending: Ending | None = None  # set once the last QEMU has exited and its output is read
         self.stamps: list[tuple[int, float]] = []  # (buffer offset, monotonic time) of each chunk read
 
     # ---------------------------------------------------------------- lifecycle
@@ -158,6 +199,8 @@ class Vm:
             raise KilnError(f"UEFI firmware {OVMF_CODE} is missing", hint="apt-get install ovmf")
         if not self.cfg.image.is_file():
             raise KilnError(f"disk image {self.cfg.image} does not exist")
+        if self.interactive and self.cfg.cold_reboot:  # the relaunch needs the console's end-of-file
+            raise KilnError("cold_reboot needs a VM whose console Kiln reads (not an interactive one)")
         self.cfg.workdir.mkdir(parents=True, exist_ok=True)
         vars_fd = self.cfg.workdir / "OVMF_VARS.fd"
         shutil.copy(OVMF_VARS, vars_fd)
@@ -169,31 +212,49 @@ class Vm:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.cfg.image.resolve(), disk, *size])
         if self.cfg.user_data is not None:
             make_config_drive(self.cfg.user_data, self.cfg.workdir / CONFIG_DRIVE)
-        self._argv = self.cfg.argv(disk, vars_fd, self.interactive)
-        self.started_at = time.monotonic()
+        argv = self.cfg.argv(disk, vars_fd, self.interactive)
         if self.interactive:  # the terminal is QEMU's: Ctrl-A X quits, Ctrl-A C is the monitor
+            self._argv = argv
+            self.started_at = time.monotonic()
             self.proc = subprocess.Popen(self._argv, start_new_session=False)
             return self
+        return self.start_argv(argv)
+
+    def start_argv(self, argv: Sequence[str]) -> Vm:
+        """Run `argv` as this VM's QEMU (again after each guest reset); start() builds it
+        from the config. The tests pass a stand-in to check the relaunch logic without a guest."""
+        self._argv = list(argv)
+        self.started_at = time.monotonic()
         self._launch()
         self._reader = threading.Thread(target=self._read, name="qemu-serial", daemon=True)
         self._reader.start()
         return self
 
     def _launch(self) -> None:
+        """Start one QEMU (before the reader runs, or with self._cond held)."""
+        self._launched_at = len(self._buf)
+        self.launches.append((self._launched_at, time.monotonic()))
         self.proc = subprocess.Popen(
             self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def _relaunch_after_reset(self) -> bool:
-        """With cold_reboot, QEMU exits on a guest reset: start the next one, unless the
-        guest powered off or kill() was called."""
+    def _next(self) -> bool:
+        """The current QEMU's output has ended: start the next one if the guest reset (see
+        after_exit), else record how the VM ended. Returns whether a QEMU runs again."""
+        assert self.proc is not None
+        returncode = self.proc.wait()  # its stdout is at end-of-file: it is exiting (not under the lock)
         with self._cond:
-            if not self.cfg.cold_reboot or self._stopping or "reboot: Power down" in self._buf[self._launched_at:]:
+            out = self._buf[self._launched_at:]
+            ending = after_exit(returncode=returncode, powered_off=POWER_DOWN in out, host_signal=HOST_SIGNAL in out,
+                                cold_reboot=self.cfg.cold_reboot, killed=self._stopping,
+                                powering_off=self._powering_off)
+            if ending is not None:
+                self.ending = ending
                 return False
-            assert self.proc is not None
-            self.proc.wait()
-            self._launched_at = len(self._buf)
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
             self._launch()
             self.relaunches += 1
             return True
@@ -215,47 +276,86 @@ class Vm:
                         self.stamps.append((len(self._buf), time.monotonic()))
                         self._buf += text
                         self._cond.notify_all()
-                if not self._relaunch_after_reset():
+                self.proc.stdout.close()
+                if not self._next():
                     return
         finally:
             if log:
                 log.close()
             with self._cond:
+                if self.ending is None:  # the reader itself failed (e.g. the next QEMU could not start)
+                    self.ending = Ending.FAILED
                 self._cond.notify_all()
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """The VM is up: a QEMU runs, or the next one starts right after a guest reset."""
+        if self._reader is None:
+            return self.proc is not None and self.proc.poll() is None
+        with self._cond:
+            return self.ending is None
 
     def kill(self) -> None:
-        """End QEMU and its process group (only what we started)."""
+        """End the VM now: its QEMU's process group (only what we started), and no relaunch."""
         with self._cond:
             self._stopping = True
             proc = self.proc
         end_process_group(proc, None)
         end_process_group(self.proc, self._reader)  # the one started by a racing relaunch, if any
+        if self._reader is None and self.proc is not None and self.proc.returncode is not None:
+            self._ended_alone(self.proc.returncode)
 
-    def shutdown(self, timeout: float = 90) -> bool:
-        """Press the ACPI power button and wait for a clean power-off; kill after `timeout`.
+    def shutdown(self, timeout: float = 90, press_every: float = 10) -> Ending:
+        """Press the ACPI power button and wait for the VM to end; kill it after `timeout`.
 
-        Returns whether the guest powered off by itself."""
-        if not self.running:
-            return True
-        try:
-            qmp(self.cfg.workdir / "qmp.sock", "system_powerdown")
-            self.wait_exit(timeout)
-            clean = True
-        except (KilnError, OSError):
-            clean = False
-        self.kill()
-        return clean
+        Returns how it ended: POWERED_OFF (or REBOOTED: it was already going down for a
+        reboot) is clean. A press is lost while the guest is in firmware, GRUB or early
+        boot (just after a reboot, before acpid runs), so it is repeated every
+        `press_every` s, each time to the QEMU running then; and a guest reset from now on
+        ends the VM rather than starting the next QEMU, so a reboot is never waited out
+        and then taken for the power-off.
+        """
+        with self._cond:
+            self._powering_off = True
+        deadline = time.monotonic() + timeout
+        while self.running:
+            with contextlib.suppress(OSError, ValueError):  # none listens between a reset and the next launch
+                qmp(self.cfg.workdir / "qmp.sock", "system_powerdown")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(KilnError):
+                self.wait_exit(min(press_every, left))
+        self.kill()  # after a power-off this only reaps and joins the reader
+        return self.ending or Ending.KILLED
 
-    def wait_exit(self, timeout: float) -> int:
+    def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait for the VM as a whole to end (a guest reboot under cold_reboot does not);
+        returns the last QEMU's exit status."""
         assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise KilnError(f"QEMU did not exit within {timeout:.0f} s") from None
+        if self._reader is None:  # interactive: one QEMU, on the terminal
+            try:
+                returncode = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise KilnError(f"QEMU did not exit within {timeout:.0f} s") from None
+            self._ended_alone(returncode)
+            return returncode
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.ending is None:
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise KilnError(f"the VM did not end within {timeout:.0f} s")
+                self._cond.wait(min(left, 1.0))
+            assert self.proc is not None
+            status = self.proc.poll()
+            return 1 if status is None else status  # None: the reader failed, QEMU still runs
+
+    def _ended_alone(self, returncode: int) -> None:
+        """Record how an interactive VM (one QEMU, no reader) ended."""
+        if self.ending is None:
+            self.ending = after_exit(returncode=returncode, powered_off=False, host_signal=False,
+                                     cold_reboot=False, killed=False, powering_off=self._powering_off)
 
     # ---------------------------------------------------------------- serial console
     @property
@@ -289,11 +389,35 @@ class Vm:
                     self._pos = m.end()
                     return m
                 left = deadline - time.monotonic()
-                if left <= 0 or (not self.running and not (self._reader and self._reader.is_alive())):
+                if left <= 0 or self._over():
                     tail = self._buf[-3000:]
-                    why = "timed out" if left <= 0 else "QEMU exited"
+                    why = "timed out" if left <= 0 else f"the VM ended ({self.ending})"
                     raise KilnError(f"{why} waiting for {rx.pattern!r} on the serial console; last output:\n{tail}")
                 self._cond.wait(min(left, 1.0))
+
+    def _over(self) -> bool:
+        """No more output will come: the VM ended and its reader read everything."""
+        if self._reader is None:
+            return not self.running
+        return self.ending is not None
+
+    def watch(self, pattern: str | re.Pattern[str]) -> Iterator[re.Match[str]]:
+        """Every later match of `pattern` on the serial console, across guest reboots,
+        until the VM ends (then the iteration stops)."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        while True:
+            with self._cond:
+                while not (m := rx.search(self._buf, self._pos)):
+                    if self._over():
+                        return
+                    self._cond.wait(1.0)
+                self._pos = m.end()
+            yield m
+
+    def launched_at(self, offset: int) -> float:
+        """When the QEMU that printed the output at `offset` was started (monotonic seconds)."""
+        with self._cond:
+            return max((t for start, t in self.launches if start <= offset), default=self.started_at)
 
     def wait_ready(self, timeout: float = 180) -> re.Match[str]:
         self._shell_ok = False
@@ -404,6 +528,6 @@ def parse_forwards(specs: Sequence[str]) -> tuple[Forward, ...]:
 
 
 __all__ = [
-    "READY_RE", "Forward", "Vm", "VmConfig", "booted", "end_process_group", "free_port", "kvm_usable",
-    "parse_forwards", "qmp",
+    "READY_RE", "Ending", "Forward", "Vm", "VmConfig", "after_exit", "booted", "end_process_group", "free_port",
+    "kvm_usable", "parse_forwards", "qmp",
 ]
