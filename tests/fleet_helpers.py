@@ -25,7 +25,9 @@ from typing import Any
 from kiln.core.errors import KilnError
 from kiln.fleet.config import FleetConfig
 from kiln.fleet.etcd import Etcd
+from kiln.fleet.hosts import FleetHosts
 from kiln.fleet.locks import FleetLocks
+from kiln.fleet.release import ReleaseSource
 from kiln.fleet.server import FleetLockService, FleetServer
 from kiln.host.update import failures
 from kiln.host.update.daemon import Updater
@@ -36,10 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def fleet_server_thread(endpoints: list[str], config: FleetConfig | None = None,
-                        locks: FleetLocks | None = None, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+                        locks: FleetLocks | None = None, tls: ssl.SSLContext | None = None,
+                        hosts: FleetHosts | None = None, release: ReleaseSource | None = None) -> Iterator[str]:
     """`kiln fleet serve`'s server in a thread of this process; yields its base URL."""
     locks = locks or FleetLocks(Etcd(endpoints), config or FleetConfig())
-    server = FleetServer(("127.0.0.1", 0), FleetLockService(locks), tls)
+    server = FleetServer(("127.0.0.1", 0), FleetLockService(locks, hosts, release), tls)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM), e.g. a `kiln pki` node.crt")
     serve.add_argument("--tls-key", help="its private key")
     serve.add_argument("--client-ca", help="with --tls-cert: require client certificates signed by this CA")
+    serve.add_argument("--release", metavar="PATH_OR_URL",
+                       help="a repository's manifest.json (file, directory or URL): the dashboard shows its waves")
+    serve.add_argument("--forget-after", default="24 hours",
+                       help="a host that stops reporting leaves the fleet view after this (default: 24 hours)")
+    serve.add_argument("--sample-every", default="1 minute",
+                       help="a point of the fleet's versions over time this often (default: 1 minute)")
     serve.add_argument("--json", action="store_true", help="print the listening address as JSON once ready")
     serve.set_defaults(func=cmd_serve)
 
@@ -77,13 +83,23 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kiln.fleet.config import FleetConfig
     from kiln.fleet.etcd import Etcd, EtcdUnavailable, Tls
+    from kiln.fleet.hosts import FleetHosts
     from kiln.fleet.locks import FleetLocks
+    from kiln.fleet.release import ReleaseSource
     from kiln.fleet.server import FleetServer, serve, tls_context
+    from kiln.host.update.waves import parse_offset
 
     if bool(args.tls_cert) != bool(args.tls_key) or (args.client_ca and not args.tls_cert):
         raise KilnError("--tls-cert and --tls-key go together (and --client-ca needs them)")
     tls = tls_context(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
     config = FleetConfig.load(args.config)
+    try:
+        forget_after, sample_every = parse_offset(args.forget_after), parse_offset(args.sample_every)
+    except ValueError as e:
+        raise KilnError(f"--forget-after/--sample-every: {e}") from None
+    if forget_after.total_seconds() < 60 or sample_every.total_seconds() < 1:
+        raise KilnError("--forget-after is at least 60 seconds, --sample-every at least 1 second")
+    release = ReleaseSource(args.release) if args.release else None
     etcd = Etcd(args.etcd, tls=Tls(args.etcd_ca, args.etcd_cert, args.etcd_key))
     try:
         etcd.revision()
@@ -96,10 +112,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"address": host, "port": port, "scheme": scheme, "etcd": args.etcd}), flush=True)
         else:
-            print(f"kiln fleet: FleetLock on {scheme}://{host}:{port}/ (etcd: {', '.join(args.etcd)})", flush=True)
+            print(f"kiln fleet: FleetLock and the dashboard on {scheme}://{host}:{port}/ "
+                  f"(etcd: {', '.join(args.etcd)})", flush=True)
 
     try:
-        serve((args.address, args.port), FleetLocks(etcd, config), ready, tls)
+        serve((args.address, args.port), FleetLocks(etcd, config), ready, tls,
+              hosts=FleetHosts(etcd, forget_after=forget_after), release=release, sample_every=sample_every)
     except OSError as e:
         raise KilnError(f"cannot listen on {args.address}:{args.port}: {e.strerror}") from None
     return 0

@@ -43,6 +43,11 @@ def _b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
+def _prefix_end(prefix: str) -> str:
+    """The range end that covers every key starting with `prefix` (etcd's convention)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 def parse_endpoint(url: str) -> tuple[str, str, int]:
     """'http://127.0.0.1:2379' -> ('http', '127.0.0.1', 2379); KilnError naming the URL."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -129,12 +134,15 @@ class Etcd:
         return Entry(base64.b64decode(kv.get("value", "")), int(kv.get("mod_revision", 0)))
 
     def get_prefix(self, prefix: str) -> dict[str, Entry]:
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        kvs = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs") or []
+        kvs = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}).get("kvs") or []
         return {
             base64.b64decode(kv["key"]).decode(): Entry(base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
             for kv in kvs
         }
+
+    def count_prefix(self, prefix: str) -> int:
+        body = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "count_only": True}
+        return int(self._post("/kv/range", body).get("count", 0))
 
     def swap(self, key: str, value: bytes, mod_revision: int, *, lease: int | None = None) -> bool:
         """Write `value` if the key is still at `mod_revision` (0: does not exist yet).

@@ -21,29 +21,35 @@ import logging
 import ssl
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kiln.fleet import semaphore as sem
 from kiln.fleet.config import GROUP_RE
+from kiln.fleet.dashboard import DASHBOARD_FILES, dashboard_file
 from kiln.fleet.etcd import EtcdUnavailable
+from kiln.fleet.hosts import FleetHosts, HostReport, TooManyHosts
 from kiln.fleet.locks import Contended, FleetLocks
+from kiln.fleet.release import ReleaseSource
 
 log = logging.getLogger("kiln.fleet")
 
 MAX_BODY = 64 * 1024
+SAMPLE_EVERY = timedelta(minutes=1)  # a point of the fleet's versions over time
 MAX_ID = 256
 KINDS = (  # the bounded set of error kinds (FleetLock asks clients to count them)
     "missing_header", "failed_decoding_request", "invalid_client_identity", "invalid_group",
     "request_too_large", "not_found", "method_not_allowed", "failed_lock_semaphore_full",
-    "etcd_unavailable", "contended", "internal_error",
+    "etcd_unavailable", "contended", "internal_error", "too_many_hosts",
 )
 POST_PATHS = ("/v1/pre-reboot", "/v1/steady-state", "/v1/report", "/v1/release")
-GET_PATHS = ("/v1/status", "/metrics")
+GET_PATHS = ("/v1/status", "/v1/hosts", "/metrics", *DASHBOARD_FILES)
 
 
 class Refused(Exception):
@@ -59,6 +65,7 @@ class Client:
     group: str
     version: str | None
     failure: str | None
+    kiln: dict[str, Any] = field(default_factory=dict)  # a Kiln host's report (kiln.fleet.hosts)
 
 
 def parse_request(headers: dict[str, str], body: bytes) -> Client:
@@ -86,6 +93,7 @@ def parse_request(headers: dict[str, str], body: bytes) -> Client:
         host, group,
         version[:64] if isinstance(version, str) else None,
         failure if isinstance(failure, str) and failure else None,
+        kiln,
     )
 
 
@@ -135,14 +143,30 @@ class Metrics:
                 value = {"slots": g["slots"], "holders": len(g["holders"]),
                          "failed": sum(1 for h in g["holders"] if h["failure"])}[name]
                 lines.append(f'kiln_fleet_{name}{{group="{g["group"]}"}} {value}')
+        for by, label in (("versions", "version"), ("states", "state")):
+            if "hosts" not in status:
+                break
+            lines += [f"# HELP kiln_fleet_hosts_by_{label} Hosts per group and {label}, as they last reported.",
+                      f"# TYPE kiln_fleet_hosts_by_{label} gauge"]
+            for group, counts in status["hosts"]["groups"].items():
+                for value, n in sorted(counts[by].items()):
+                    lines.append(f'kiln_fleet_hosts_by_{label}{{group="{group}",{label}="{_label(value)}"}} {n}')
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class FleetLockService:
     """The transport-free server: a path, headers and body in; a status and a JSON body out."""
 
-    def __init__(self, locks: FleetLocks) -> None:
+    def __init__(self, locks: FleetLocks, hosts: FleetHosts | None = None,
+                 release: ReleaseSource | None = None) -> None:
         self.locks = locks
+        self.hosts = hosts
+        self.release = release
         self.metrics = Metrics()
 
     def post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
@@ -159,8 +183,25 @@ class FleetLockService:
         self.metrics.count(endpoint, answer["kind"])
         return status, answer
 
+    def _keep(self, c: Client, *, required: bool) -> None:
+        """The host's report into the fleet's view. Riding on a lock request it never changes
+        the answer (`required` False: a failure is logged); on /v1/report it is the answer."""
+        if self.hosts is None or not c.kiln:
+            return
+        try:
+            self.hosts.put(HostReport.from_request(c.id, c.group, c.kiln, self.locks.now()))
+        except TooManyHosts as e:
+            if required:
+                raise Refused(HTTPStatus.TOO_MANY_REQUESTS, "too_many_hosts", str(e)) from None
+            log.warning("fleet: %s", e)
+        except EtcdUnavailable as e:
+            if required:
+                raise
+            log.warning("fleet: the report of %s was not kept: %s", c.id, e)
+
     def _act(self, endpoint: str, c: Client) -> tuple[int, dict[str, Any]]:
         if endpoint == "pre-reboot":
+            self._keep(c, required=False)
             outcome, s = self.locks.lock(c.group, c.id, c.version)
             if outcome is sem.Outcome.FULL:
                 self.metrics.refused(c)
@@ -174,19 +215,51 @@ class FleetLockService:
             outcome, _ = self.locks.unlock(c.group, c.id, by="operator" if endpoint == "release" else None)
             return HTTPStatus.OK, {"kind": outcome.value, "value": f"group {c.group}: {c.id} holds no slot"}
         # report: "held" tells a host that keeps its slot after a failure whether it still does
+        self._keep(c, required=True)
         s = self.locks.report(c.group, c.id, version=c.version, failure=c.failure)
         held = s.holder(c.id) is not None
         return HTTPStatus.OK, {"kind": "reported", "value": f"group {c.group}: report from {c.id} kept", "held": held}
 
-    def get(self, path: str) -> tuple[int, str, bytes]:
+    def get(self, target: str) -> tuple[int, str, bytes]:
+        url = urllib.parse.urlsplit(target)
+        if url.path in DASHBOARD_FILES:
+            name, ctype = DASHBOARD_FILES[url.path]
+            return HTTPStatus.OK, ctype, dashboard_file(name)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
+            if url.path == "/v1/hosts":
+                return self._json(HTTPStatus.OK, self._hosts(query))
             status = self.locks.status()
+            if self.hosts is not None:
+                status["hosts"] = self.hosts.summary()
+                status["history"] = self.hosts.history()
+            if self.release is not None:
+                status["release"] = self.release.view()
         except EtcdUnavailable as e:
-            doc = {"kind": "etcd_unavailable", "value": str(e)}
-            return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
-        if path == "/metrics":
+            return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"kind": "etcd_unavailable", "value": str(e)})
+        except Refused as r:
+            return self._json(r.status, {"kind": r.kind, "value": r.value})
+        if url.path == "/metrics":
             return HTTPStatus.OK, "text/plain; version=0.0.4", self.metrics.render(status).encode()
-        return HTTPStatus.OK, "application/json", json.dumps(status, indent=1).encode()
+        return self._json(HTTPStatus.OK, status)
+
+    @staticmethod
+    def _json(status: int, doc: dict[str, Any]) -> tuple[int, str, bytes]:
+        return status, "application/json", json.dumps(doc, indent=1).encode()
+
+    def _hosts(self, query: dict[str, str]) -> dict[str, Any]:
+        if self.hosts is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "not_found", "this server keeps no host reports")
+        try:
+            limit, offset = int(query.get("limit", "200")), int(query.get("offset", "0"))
+        except ValueError:
+            raise Refused(HTTPStatus.BAD_REQUEST, "failed_decoding_request",
+                          "limit and offset are whole numbers") from None
+        if not (1 <= limit <= 1000 and offset >= 0):
+            raise Refused(HTTPStatus.BAD_REQUEST, "failed_decoding_request", "limit is 1..1000, offset 0 or more")
+        return self.hosts.select(group=query.get("group") or None, state=query.get("state") or None,
+                                 version=query.get("version") or None, text=query.get("q") or None,
+                                 limit=limit, offset=offset)
 
 
 def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
@@ -231,7 +304,7 @@ def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
             self._json(status, answer)
 
         def do_GET(self) -> None:
-            if self.path not in GET_PATHS:
+            if urllib.parse.urlsplit(self.path).path not in GET_PATHS:
                 return self._not_here("GET")
             try:
                 status, ctype, body = service.get(self.path)
@@ -300,11 +373,25 @@ def tls_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLCon
 
 
 def serve(address: tuple[str, int], locks: FleetLocks, ready: Callable[[FleetServer], None] | None = None,
-          tls: ssl.SSLContext | None = None) -> None:
-    server = FleetServer(address, FleetLockService(locks), tls)
+          tls: ssl.SSLContext | None = None, hosts: FleetHosts | None = None, release: ReleaseSource | None = None,
+          sample_every: timedelta = SAMPLE_EVERY) -> None:
+    """Serve until interrupted; with `hosts`, a point of versions over time every `sample_every`."""
+    server = FleetServer(address, FleetLockService(locks, hosts, release), tls)
+    stop = threading.Event()
+    if hosts is not None:
+        threading.Thread(target=_sample, args=(hosts, sample_every, stop), daemon=True, name="history").start()
     if ready:
         ready(server)
     try:
         server.serve_forever()
     finally:
+        stop.set()
         server.server_close()
+
+
+def _sample(hosts: FleetHosts, every: timedelta, stop: threading.Event) -> None:
+    while not stop.wait(every.total_seconds()):
+        try:
+            hosts.record_history(every)
+        except (EtcdUnavailable, Contended) as e:
+            log.warning("fleet: no history point this time: %s", e)

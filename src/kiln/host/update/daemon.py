@@ -256,8 +256,8 @@ class Updater:
 
     # --- one pass ---------------------------------------------------------------------
     def step(self) -> datetime:
-        """Look, decide, act; returns when to look again. After a check of the repository
-        the host tells a Kiln fleet server where it stands (FAILED hosts do on every pass)."""
+        """Look, decide, act; returns when to look again. After a check of the repository,
+        and when its state changed, the host tells a Kiln fleet server where it stands."""
         now, st = self.now(), self.state
         try:
             p = Policy.from_settings(self.host.settings())
@@ -266,9 +266,9 @@ class Updater:
             self._save()
             return now + DEFAULT_INTERVAL
         st.strategy = p.strategy.value
-        self._checked = False
+        self._checked, before = False, st.phase
         wake = self._step(now, p)
-        if self._checked and st.phase != Phase.FAILED:  # a failed host's heartbeat already told
+        if (self._checked or st.phase != before) and st.phase != Phase.FAILED:  # FAILED: its heartbeat tells
             self._tell(p)
         return wake
 
