@@ -91,9 +91,12 @@ function drawVersions() {
   const points = (status.history || []).map(p => ({ t: Date.parse(p.t), f: fractions(p.versions) }));
   if (hosts.total) points.push({ t: Date.now(), f: fractions(hosts.versions) });
   const planned = plan ? plan.points.map(p => ({ t: Date.parse(p.t), f: fractions(p.versions) })) : [];
+  // The time axis covers what was seen and what is planned (at least the last hour); the
+  // waves inside it are marked (the release table lists them all).
   const times = points.concat(planned).map(p => p.t);
-  const waves = status.release ? status.release.waves.map(w => Date.parse(w.opens)) : [];
-  const t0 = Math.min(...times, ...waves), t1 = Math.max(...times, ...waves, t0 + 60000);
+  const t1 = Math.max(...times, Date.now());
+  const t0 = Math.min(...times, t1 - 3600000);
+  const waves = (status.release ? status.release.waves.map(w => Date.parse(w.opens)) : []).filter(w => w >= t0 && w <= t1);
   const x = t => PAD + (W - 2 * PAD) * (t - t0) / (t1 - t0);
   const y = f => H - PAD - (H - 2 * PAD) * f;
   const versions = [...new Set(points.flatMap(p => Object.keys(p.f)))].sort(byVersion);
@@ -116,6 +119,10 @@ function drawVersions() {
     const line = planned.map(p => `${x(p.t).toFixed(1)},${y(p.f[plan.release] || 0).toFixed(1)}`).join(" ");
     nodes.push(svg("polyline", { points: line, fill: "none", stroke: "#1d2430", "stroke-width": 2, "stroke-dasharray": "6 4" }));
   }
+  const label = (text, attrs) => { const t = svg("text", { "font-size": 11, fill: "#555", ...attrs }); t.textContent = text; return t; };
+  const when = t => new Date(t).toISOString().slice(0, 16).replace("T", " ");
+  nodes.push(label("100 %", { x: PAD + 2, y: 14 }), label("0 %", { x: PAD + 2, y: H - PAD - 3 }),
+    label(when(t0), { x: PAD + 40, y: H - PAD - 3 }), label(when(t1), { x: W - PAD - 4, y: H - PAD - 3, "text-anchor": "end" }));
   chart.replaceChildren(...nodes);
   const legend = versions.map((v, i) => el("span", {}, el("i", { style: `background:${COLORS[i % COLORS.length]}` }), v));
   if (waves.length) legend.push(el("span", {}, "dashed green: a wave opens"));
