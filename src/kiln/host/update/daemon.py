@@ -140,6 +140,27 @@ class DaemonState:
         atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n")
 
 
+class StateStore(Protocol):
+    """Where the daemon keeps its DaemonState between passes and across restarts."""
+
+    def load(self) -> DaemonState: ...
+
+    def save(self, state: DaemonState) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileStore:
+    """The state as a JSON file, written atomically at every change: what a host uses."""
+
+    path: Path
+
+    def load(self) -> DaemonState:
+        return DaemonState.load(self.path)
+
+    def save(self, state: DaemonState) -> None:
+        state.save(self.path)
+
+
 class HostPort(Protocol):
     """What the daemon does to the host; the real one is kiln.host.update.host.RealHost."""
 
@@ -173,7 +194,13 @@ class HostPort(Protocol):
 
 
 def parse(text: str | None) -> datetime | None:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
+    """A time as format_time writes it (2026-12-05T01:00:00Z). fromisoformat, not strptime:
+    0.2 µs instead of 9.5, paid a few times a pass, and by the fleet simulator 100,000-fold."""
+    if not text:
+        return None
+    if len(text) != 20 or not text.endswith("Z"):
+        raise ValueError(f"time data {text!r} does not match format '%Y-%m-%dT%H:%M:%SZ'")
+    return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC)
 
 
 def lock_backoff(attempts: int, interval: timedelta, rng: random.Random) -> timedelta:
@@ -187,22 +214,24 @@ def lock_backoff(attempts: int, interval: timedelta, rng: random.Random) -> time
 @dataclass
 class Updater:
     host: HostPort
-    state_path: Path
+    state_path: Path | StateStore  # a path: a FileStore there (a host); the fleet simulator keeps its own
     node_id: str
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rng: random.Random = field(default_factory=random.Random)
     client_factory: Callable[[Policy, str], FleetLockClient] = field(
         default=lambda p, node: FleetLockClient(str(p.url), node, p.group, ca=p.ca))
     state: DaemonState = field(init=False)
+    store: StateStore = field(init=False)
     _checked: bool = field(default=False, init=False)  # this pass checked the repository
 
     def __post_init__(self) -> None:
-        self.state = DaemonState.load(self.state_path)
+        self.store = FileStore(self.state_path) if isinstance(self.state_path, Path) else self.state_path
+        self.state = self.store.load()
 
     # --- helpers ----------------------------------------------------------------------
     def _save(self) -> None:
         self.state.updated = format_time(self.now())
-        self.state.save(self.state_path)
+        self.store.save(self.state)
 
     def _client(self, p: Policy) -> FleetLockClient | None:
         return self.client_factory(p, self.node_id) if p.url else None
