@@ -187,7 +187,7 @@ class ContainerRegistry(_S):
 
 # The fleet CA's revocation list (`kiln pki crl`): ~40 bytes a revoked certificate, so 256 KiB
 # holds thousands.
-Crl = Annotated[str, Meta(pattern=r"^\s*-----BEGIN X509 CRL-----", max_length=262144)]
+Crl = Annotated[str, Meta(pattern=r"^-----BEGIN X509 CRL-----", max_length=262144)]
 
 
 class ApiRemote(_S):
