@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,12 @@ def fleet_status(url: str) -> dict[str, Any]:
                          capture_output=True, text=True, timeout=60, check=True).stdout
     (group,) = [g for g in json.loads(out)["groups"] if g["group"] == "vmtest"]
     return dict(group)
+
+
+def fleet_hosts(url: str) -> dict[str, dict[str, Any]]:
+    """The fleet view (what the hosts reported): id -> report, for this test's group."""
+    with urllib.request.urlopen(f"{url}/v1/hosts?group=vmtest", timeout=30) as r:
+        return {h["id"]: h for h in json.load(r)["hosts"]}
 
 
 def guest_json(vm: Vm, command: str) -> dict[str, Any]:
@@ -153,6 +160,12 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
         assert "got SIGTERM" in log, f"the workload was not asked to stop before the reboot: {log!r}"
     group = fleet_status(server.url)
     assert group["holders"] == [] and group["slots"] == 1
+    # the fleet view: both reported where they stand once back (reports are cached 5 s)
+    deadline = time.monotonic() + 60
+    while {(h["version"], h["slot"], h["state"]) for h in fleet_hosts(server.url).values()} != {("2.0.0", "B", "idle")}:
+        assert time.monotonic() < deadline, fleet_hosts(server.url)
+        time.sleep(2)
+    assert len(fleet_hosts(server.url)) == 2
 
     # --- 3.1.0 fails its health check: the first host rolls back and keeps the slot; the
     # other never reboots into it; both say why
@@ -180,6 +193,11 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
     assert d["phase"] == "waiting-for-lock" and "3.1.0 is staged" in d["reason"]
     assert "failed_lock_semaphore_full" in d["reason"] and holder["id"] in d["reason"]
     assert fleet_status(server.url)["holders"][0]["id"] == holder["id"]
+    view = fleet_hosts(server.url)
+    failed, waiting = view[holder["id"]], next(h for i, h in view.items() if i != holder["id"])
+    assert (failed["version"], failed["slot"], failed["state"]) == ("2.0.0", "B", "failed")
+    assert "health gate failed" in failed["failure"]
+    assert (waiting["version"], waiting["state"], waiting["target"]) == ("2.0.0", "waiting-for-lock", "3.1.0")
 
 
 def _first_to_fail(vms: list[Vm], marks: list[int], timeout: float = 1200) -> Vm:
