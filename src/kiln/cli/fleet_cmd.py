@@ -3,6 +3,7 @@
     kiln fleet serve --etcd http://127.0.0.1:2379 [--etcd …] [--config fleet.toml] [--port 8700]
     kiln fleet status [--server URL] [--json]
     kiln fleet release ID --group G [--server URL]
+    kiln fleet simulate --hosts N --release REPO_OR_MANIFEST [--waves NAME|FILE] [--slots N] … [--output DIR]
 """
 
 from __future__ import annotations
@@ -60,6 +61,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--json", action="store_true", help="machine-readable output")
     _tls_options(release)
     release.set_defaults(func=cmd_release)
+
+    sim = fsub.add_parser(
+        "simulate", help="plan a rollout: N hosts running the real update daemon, waves and FleetLock, simulated",
+        description="Simulate a release's rollout: every host runs the real update daemon, wave arithmetic and "
+                    "FleetLock semaphore on a virtual clock (kiln.fleet.simulate). Writes timeline.csv, "
+                    "timeline.json (the dashboard loads it as a planned rollout), summary.json and PNG plots.")
+    sim.add_argument("--hosts", type=int, default=1000, help="hosts in the fleet (default 1000)")
+    sim.add_argument("--release", required=True, metavar="REPO_OR_MANIFEST",
+                     help="a repository directory (kiln repo), a manifest.json or its URL: its newest release")
+    sim.add_argument("--waves", metavar="NAME|FILE",
+                     help="instead of the release's waves: default, accelerated, slow, ohno, none or a wave TOML "
+                          "file (kiln repo waves), laid out from --start")
+    sim.add_argument("--from", dest="from_version", metavar="VERSION",
+                     help="what the hosts run before (default: the release before it in the manifest)")
+    sim.add_argument("--groups", type=int, default=0, help="FleetLock groups, hosts spread evenly (default: one per "
+                                                           "1000 hosts)")
+    sim.add_argument("--slots", type=int, default=1, help="reboot slots per group (default 1)")
+    sim.add_argument("--check-interval", default="1h", help="settings.updates.check-interval (default 1h)")
+    sim.add_argument("--windows", type=Path, metavar="FILE",
+                     help="maintenance windows, TOML or JSON in settings.updates.maintenance-windows' shape")
+    sim.add_argument("--failure-rate", type=float, default=0.0,
+                     help="chance that the release fails its health gate on a host (default 0)")
+    sim.add_argument("--reboot-time", default="60s", metavar="DIST",
+                     help="reboot to health gate: 60s, uniform:40s-90s or normal:60s,10s (default 60s)")
+    sim.add_argument("--seed", type=int, default=0, help="the simulation's random seed (default 0)")
+    sim.add_argument("--start", metavar="TIME", help="when the hosts start looking (default: the release's first "
+                                                     "wave opening, or now)")
+    sim.add_argument("--horizon", default="60d", help="stop after this much simulated time (default 60d)")
+    sim.add_argument("--sample", default="5m", help="the timeline's resolution (default 5m)")
+    sim.add_argument("--exact", action="store_true",
+                     help="run every pass of every daemon, without the shortcuts (slow: small fleets)")
+    sim.add_argument("--output", type=Path, default=Path("fleet-simulation"), metavar="DIR",
+                     help="where the timeline, summary and plots go (default ./fleet-simulation)")
+    sim.add_argument("--no-plots", action="store_true", help="skip the PNG plots (and matplotlib)")
+    sim.add_argument("--json", action="store_true", help="print summary.json")
+    sim.set_defaults(func=cmd_simulate)
 
 
 def _tls_options(p: argparse.ArgumentParser) -> None:
@@ -177,4 +214,70 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(f"{args.id} held no slot in group {args.group}", file=sys.stderr)
     else:
         print(f"released {args.id}'s slot in group {args.group}")
+    return 0
+
+
+def _release(spec: str) -> Any:
+    """The manifest behind --release: a repository's current manifest.json target (checked
+    against its targets metadata), or a manifest.json file or URL."""
+    from kiln.fleet.release import read_manifest
+
+    if (Path(spec) / "repo.json").is_file():
+        from kiln.repo.metadata import Repo
+        from kiln.repo.publish import current_manifest
+
+        return current_manifest(Repo.open(Path(spec)))
+    return read_manifest(spec)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from kiln.fleet.simulate import simulate
+    from kiln.fleet.simulate_params import Params, RebootTime, read_windows
+    from kiln.fleet.simulate_report import describe, write
+    from kiln.host.update.manifest import ManifestError, Version, parse_time
+    from kiln.host.update.windows import parse_interval
+    from kiln.repo import schedule
+
+    manifest = _release(args.release)
+    if not manifest.updates:
+        raise KilnError(f"--release {args.release}: the manifest lists no release")
+    release = max(manifest.updates, key=lambda u: u.version)
+    try:
+        if args.from_version:
+            before = Version.parse(args.from_version, "--from")
+        else:
+            older = [u.version for u in manifest.updates if u.version < release.version
+                     and (u.variant, u.arch) == (release.variant, release.arch)]
+            if not older:
+                raise KilnError(f"--release {args.release}: no release before {release.version} to start from",
+                                hint="--from VERSION: what the hosts run before the rollout")
+            before = max(older)
+        start = (parse_time(args.start, "--start") if args.start else min(release.waves.values()) if release.waves
+                 else datetime.now(UTC).replace(second=0, microsecond=0))
+    except ManifestError as e:
+        raise KilnError(str(e)) from None
+    waves_name = "release"
+    if args.waves:
+        sched = schedule.load(args.waves)
+        release, waves_name = replace(release, waves=sched.at(start)), sched.name
+    try:
+        horizon, sample = parse_interval(args.horizon), parse_interval(args.sample)
+    except ValueError as e:
+        raise KilnError(f"--horizon/--sample: {e}") from None
+    params = Params(
+        hosts=args.hosts, release=release, start=start, from_version=before, groups=args.groups, slots=args.slots,
+        check_interval=args.check_interval, windows=read_windows(args.windows) if args.windows else (),
+        failure_rate=args.failure_rate, reboot_time=RebootTime.parse(args.reboot_time), seed=args.seed,
+        horizon=horizon, sample=sample, exact=args.exact,
+        waves_name=waves_name)
+    result = simulate(params)
+    files = write(result, args.output, plots=not args.no_plots)
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+    else:
+        print("\n".join(describe(result.summary)))
+        print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
