@@ -115,12 +115,13 @@ class MemoryLocks:
         i = self.index[group]
         s = self.sems[i]
         new = sem.report(s, host, self.now(), version=version, failure=failure)
-        if new is not s:
-            self.requests += 1
-            self.sems[i] = new
-            if len(new.holders) >= new.total_slots and all(h.failure for h in new.holders):
-                self.halted.setdefault(i, self.now())
-        return {"kind": "reported", "held": new.holder(host) is not None}
+        if new is s:  # from a host that holds nothing: nothing changes
+            return {"kind": "reported", "held": False}
+        self.requests += 1
+        self.sems[i] = new
+        if len(new.holders) >= new.total_slots and all(h.failure for h in new.holders):
+            self.halted.setdefault(i, self.now())
+        return {"kind": "reported", "held": True}
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,7 @@ class Simulation:
         self.next_sample = 0
         self.rows: list[tuple[int, tuple[int, ...]]] = []
         self._last: tuple[int, tuple[int, ...]] | None = None
+        self._models: dict[int, Host] = {}  # per seed: hosts alike before the rollout share one
         self.ready_us = self._ready_times()
 
     # --- time and events ----------------------------------------------------------------
@@ -416,17 +418,20 @@ class Simulation:
         return self._result(end_us, time.monotonic() - wall)
 
     def _activate(self, idx: int) -> None:
-        """A host's wave has opened and its daemon checks: from here on it is simulated."""
-        host = SimHost(self, idx, self.group_names[idx % self.p.groups], self.model(self.seeds[idx]),
-                       random.Random((self.p.seed << 32) | idx))
+        """A host's wave has opened and its daemon checks: from here on it is simulated (its
+        daemon has been running all along: no start(), a pass)."""
+        seed = self.seeds[idx]
+        model = self._models.get(seed) or self._models.setdefault(seed, self.model(seed))
+        rng = random.Random((self.p.seed << 32) | idx)  # the daemon's own stream (jitter, backoff)
+        host = SimHost(self, idx, self.group_names[idx % self.p.groups], model, rng)
         self.hosts[idx] = host
-        self._start(host)
+        self._daemon(host)
         self._pass(host)
 
-    def _start(self, host: SimHost) -> None:
+    def _daemon(self, host: SimHost) -> Updater:
         assert host.rng is not None
         host.updater = Updater(host, host, host.id, now=self._now, rng=host.rng, client_factory=host.lock_client)
-        host.updater.start()
+        return host.updater
 
     def _pass(self, host: SimHost) -> None:
         """One pass of the host's daemon, and when (or whether) to run the next."""
@@ -481,7 +486,7 @@ class Simulation:
             for pct in THRESHOLDS:
                 if pct not in self.reached and self.on_new * 100 >= pct * self.p.hosts:
                     self.reached[pct] = self.now_us
-        self._start(host)
+        self._daemon(host).start()  # a new process after the reboot: it finishes what the reboot interrupted
         self._pass(host)
 
     def _retire(self, host: SimHost) -> None:

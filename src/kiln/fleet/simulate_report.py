@@ -83,6 +83,9 @@ def plot(result: Result, out: Path) -> list[Path]:
             ax.plot([hit["after_s"] / per], [pct], "o", color="#1565c0")
             ax.annotate(f"{key}: {hit['after']}", (hit["after_s"] / per, pct), textcoords="offset points",
                         xytext=(-6, 6), ha="right", fontsize=9)
+    if s["failed_hosts"]:
+        ax.text(0.01, 0.75, f"{s['failed_hosts']} hosts failed the health gate; {s['halted_groups']} groups halted, "
+                f"{s['waiting_at_end']} hosts left waiting", transform=ax.transAxes, fontsize=9, color="#b71c1c")
     ax.set(ylim=(0, 105), xlim=(0, max(x, default=1) or 1), ylabel="% of hosts", xlabel=f"{unit} from the start",
            title=f"Adoption of {new}\n{title}")
     ax.title.set_fontsize(10)
@@ -132,8 +135,9 @@ def _waves(ax: Axes, result: Result, per: float) -> None:
         at = (datetime.fromisoformat(w["opens"].replace("Z", "+00:00")) - start).total_seconds() / per
         if at >= 0:
             ax.axvline(at, color="#2e7d32", ls=":", lw=1)
-            ax.annotate(f"{w['name']}\n{w['hosts'] * 100:.0f} %", (at, 2), fontsize=7, color="#2e7d32",
-                        xytext=(2, 0), textcoords="offset points")
+            ax.annotate(f"{w['name']} ({w['hosts'] * 100:.0f} %)", (at, 0.5), xycoords=("data", "axes fraction"),
+                        rotation=90, fontsize=7, color="#2e7d32", xytext=(2, 0), textcoords="offset points",
+                        va="center")
 
 
 def describe(summary: dict[str, Any]) -> list[str]:
