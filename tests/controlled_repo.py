@@ -1,7 +1,7 @@
 """An HTTP server for a repository under a test's control: serves `metadata/` and
 `targets/` of a `kiln repo` directory like `kiln repo serve`, but each response can be
-replaced, slowed down, made endless or sent as raw bytes, to play a slow link or a
-malicious mirror."""
+replaced, slowed down, made endless, sent as raw bytes, or held at a chosen byte, to play
+a slow link or a malicious mirror, or to stop a client at an exact point of a download."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,18 @@ from kiln.repo.serve import RepoUrls
 Hook = Callable[[str, bytes | None], bytes | None]
 
 
+@dataclass
+class Hold:
+    """Pause the `nth` response to a path once `at` body bytes are sent, until `release`
+    is set; `reached` is set when it pauses. A test waits for `reached`, then kills the
+    client: the kill lands at that byte of that download, however busy the machine."""
+
+    at: int
+    nth: int = 1
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
 class ControlledRepo(RepoUrls):
     def __init__(self, directory: Path, *, rate: int | None = None) -> None:
         self.directory = directory
@@ -31,6 +44,10 @@ class ControlledRepo(RepoUrls):
         self.raw: dict[str, bytes] = {}  # paths answered with exactly these bytes (status line included)
         self.requests: list[str] = []
         self.sent: dict[str, int] = {}  # body bytes written, by path
+        self.holds: dict[str, Hold] = {}  # by request path
+        self.responses: dict[str, int] = {}  # responses begun, by path (what Hold.nth counts)
+        self.finished: dict[str, list[threading.Event]] = {}  # one per response to a path, set as it ends
+        self._lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +56,16 @@ class ControlledRepo(RepoUrls):
 
             def do_GET(self) -> None:
                 outer.requests.append(self.path)
+                with outer._lock:
+                    nth = outer.responses[self.path] = outer.responses.get(self.path, 0) + 1
+                    done = threading.Event()
+                    outer.finished.setdefault(self.path, []).append(done)
+                try:
+                    self._get(nth)
+                finally:
+                    done.set()
+
+            def _get(self, nth: int) -> None:
                 if self.path in outer.raw:
                     with contextlib.suppress(OSError):
                         self.wfile.write(outer.raw[self.path])
@@ -58,14 +85,27 @@ class ControlledRepo(RepoUrls):
                 rate = outer.rates.get(self.path, outer.rate)
                 # A slow rate is sent in small pieces, 20 a second: a trickle, not bursts.
                 step = max(1, min(64 * 1024, rate // 20)) if rate else 64 * 1024
+                hold = outer.holds.get(self.path)
+                if hold is not None and hold.nth != nth:
+                    hold = None
+                pos = 0
                 try:
                     for piece in _pieces(data or b"", step, endless):
-                        self.wfile.write(piece)
-                        outer.sent[self.path] = outer.sent.get(self.path, 0) + len(piece)
+                        if hold is not None and pos + len(piece) > hold.at:
+                            self._send(piece[: hold.at - pos])
+                            hold.reached.set()
+                            hold.release.wait()
+                            piece, pos, hold = piece[hold.at - pos :], hold.at, None
+                        self._send(piece)
+                        pos += len(piece)
                         if rate:
                             time.sleep(len(piece) / rate)
                 except OSError:
                     pass
+
+            def _send(self, piece: bytes) -> None:
+                self.wfile.write(piece)
+                outer.sent[self.path] = outer.sent.get(self.path, 0) + len(piece)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -92,6 +132,8 @@ class ControlledRepo(RepoUrls):
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        for hold in self.holds.values():
+            hold.release.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)

@@ -11,7 +11,6 @@ import json
 import socket
 import ssl
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,9 +322,9 @@ def test_a_stalled_handshake_is_cut_at_the_deadline(remote: Remote, monkeypatch:
     monkeypatch.setattr(server_mod, "HANDSHAKE_DEADLINE", 1.0)
     with socket.create_connection(("127.0.0.1", remote.port), timeout=5) as s:
         s.sendall(b"\x16")  # the first byte of a TLS record, then nothing more
-        start = time.monotonic()
-        assert _closed_by_server(s, within=8)
-        assert time.monotonic() - start < 6
+        # Closed ~1 s later by the deadline; without it the thread would wait for ever, so
+        # a minute tells them apart and leaves room for a busy machine.
+        assert _closed_by_server(s, within=60)
     assert remote.as_("admin").request("GET", "/settings?keys=motd") == {"motd": "Welcome to Kiln!"}
 
 

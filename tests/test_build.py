@@ -28,6 +28,7 @@ import pytest
 from kiln.build.pipeline import BuildOptions, BuildResult, build, source_date_epoch
 from kiln.core.errors import KilnError
 from kiln.core.progress import Progress
+from kiln.image.verity import VerityResult, dm_table
 from kiln.variant import MiB, Variant, load_variant
 from tests.conftest import UpdateRepo
 
@@ -278,8 +279,11 @@ def test_boot_a_names_the_root_hash(built: BuildResult, tmp_path: Path) -> None:
     run("mcopy", "-n", "-i", image, "::/kiln.cfg", cfg)
     m = manifest_of(built)["verity"]
     text = cfg.read_text()
-    verity = f"kiln.roothash={built.root_hash} kiln.salt={m['salt']} kiln.blocks={m['data_blocks']}"
-    assert verity in text
+    # The table the initramfs opens: dm_table()'s, for this build's tree, ',' for ' '.
+    vres = VerityResult(built.root_hash, m["salt"], m["data_blocks"], 0, "")
+    table = dm_table("@ROOT@", "@HASH@", vres)
+    assert f'set KILN_VERITY="kiln.verity={table.replace(" ", ",")}"' in text
+    assert table.endswith(f" sha256 {built.root_hash} {m['salt']} 1 restart_on_corruption")
     assert "kiln.version=1.0.0" in text
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -174,16 +174,32 @@ def test_admin_init_idles_and_exits_0_on_sigterm(registry_images: OciRegistry, t
     env = {"PATH": f"{root}/bin"}
     proc = subprocess.Popen([root / "bin/busybox", "sh", root / "usr/bin/admin-init"], env=env, start_new_session=True)
     try:
-        time.sleep(0.5)
+        # The script sets its trap, then starts `sleep 3600 &`: a child means the trap is in.
+        wait_until(lambda: proc.poll() is not None or bool(_children(proc.pid)), "admin-init started its sleep")
         assert proc.poll() is None
-        start = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - start < 2
+        # Its sleep lasts an hour: an exit within 30 s (~0.01 s idle) can only be the trap's.
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(ready: Callable[[], bool], what: str, bound: float = 30) -> None:
+    """Poll for a state. `bound` only ends a hang: each state here comes within a second
+    idle; 30 s leaves room for a machine busy with other builds and VMs."""
+    deadline = time.monotonic() + bound
+    while not ready():
+        assert time.monotonic() < deadline, f"no {what} after {bound:.0f} s"
+        time.sleep(0.02)
 
 
 # --- pushing ----------------------------------------------------------------------------
@@ -213,14 +229,13 @@ def test_containerd_pulls_and_runs_the_images(registry_images: OciRegistry, tmp_
         out = ctrd.ctr("run", "--rm", admin, "check", "/bin/sh", "-c", "test -x /usr/bin/sheltie && echo ok")
         assert out.stdout.strip() == b"ok"
         # admin-init as the container's PID 1: runs until SIGTERM, then exits 0 at once.
+        # Two processes in the task (admin-init and its sleep) mean its trap is set.
         ctrd.ctr("run", "-d", admin, "admin")
-        time.sleep(0.5)
+        wait_until(lambda: len(ctrd.ctr("tasks", "ps", "admin").stdout.splitlines()) >= 3, "admin-init's sleep")
         assert b"RUNNING" in ctrd.ctr("tasks", "ls").stdout
         ctrd.ctr("tasks", "kill", "-s", "SIGTERM", "admin")
-        deadline = time.monotonic() + 5
-        while b"STOPPED" not in ctrd.ctr("tasks", "ls").stdout and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert b"STOPPED" in ctrd.ctr("tasks", "ls").stdout
+        # Its sleep lasts an hour: stopped within the wait's bound means the trap ended it.
+        wait_until(lambda: b"STOPPED" in ctrd.ctr("tasks", "ls").stdout, "the admin task stopped")
         assert ctrd.ctr("tasks", "delete", "admin").returncode == 0  # ctr fails on a non-zero exit
         ctrd.ctr("containers", "rm", "admin")
         # httpd serves /www inside its container (own network namespace, loopback only).

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kiln.host.settings.keys import (
@@ -20,6 +20,10 @@ from kiln.host.settings.keys import (
     select,
     unflatten,
 )
+
+# No per-example deadline (Hypothesis's default is 200 ms): these are properties of pure
+# functions, not timings, and an example is slower only when the machine is busy.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Any non-empty text: dots, quotes, backslashes, spaces, unicode (surrogates can't be JSON).
 segment = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
@@ -57,11 +61,13 @@ def prune(tree: dict[str, Any]) -> dict[str, Any]:
 # -- parse_key / format_key ------------------------------------------------------------
 
 
+@PROPERTY
 @given(segments)
 def test_format_then_parse_is_identity(parts: tuple[str, ...]) -> None:
     assert parse_key(format_key(parts)) == parts
 
 
+@PROPERTY
 @given(st.lists(st.from_regex(r"[A-Za-z0-9_-]+", fullmatch=True), min_size=1, max_size=5).map(tuple))
 def test_plain_segments_are_written_bare(parts: tuple[str, ...]) -> None:
     assert format_key(parts) == ".".join(parts)
@@ -99,6 +105,7 @@ def test_malformed_keys_are_named(key: str, why: str) -> None:
     assert why in str(e.value)
 
 
+@PROPERTY
 @given(st.text(max_size=20))
 def test_parse_key_accepts_or_raises_badkey(key: str) -> None:
     try:
@@ -113,12 +120,14 @@ def test_parse_key_accepts_or_raises_badkey(key: str) -> None:
 # -- merge ----------------------------------------------------------------------------------
 
 
+@PROPERTY
 @given(trees)
 def test_merge_with_empty_patch_is_identity(a: dict[str, Any]) -> None:
     assert merge(a, {}) == a
     assert merge({}, a) == a
 
 
+@PROPERTY
 @given(trees, trees)
 def test_patch_leaves_win_and_base_leaves_survive(a: dict[str, Any], p: dict[str, Any]) -> None:
     out = dict(flatten(merge(a, p)))
@@ -131,6 +140,7 @@ def test_patch_leaves_win_and_base_leaves_survive(a: dict[str, Any], p: dict[str
     assert set(out) == set(dict(flatten(a))) | set(patch_leaves)
 
 
+@PROPERTY
 @given(trees, trees)
 def test_merge_leaves_its_inputs_untouched(a: dict[str, Any], p: dict[str, Any]) -> None:
     a0, p0 = copy.deepcopy(a), copy.deepcopy(p)
@@ -140,6 +150,7 @@ def test_merge_leaves_its_inputs_untouched(a: dict[str, Any], p: dict[str, Any])
     # (The result may share untouched sub-tables with `base`: callers must not modify it.)
 
 
+@PROPERTY
 @given(trees, trees, trees)
 def test_merge_is_associative_on_consistent_trees(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any]) -> None:
     # (Only for trees of one shape: if b made a table a scalar and c a table again, merging
@@ -161,6 +172,7 @@ def test_merge_examples() -> None:
 # -- flatten / unflatten / changed_keys / select -----------------------------------------------
 
 
+@PROPERTY
 @given(trees)
 def test_flatten_unflatten_round_trip(t: dict[str, Any]) -> None:
     flat = list(flatten(t))
@@ -171,11 +183,13 @@ def test_flatten_unflatten_round_trip(t: dict[str, Any]) -> None:
         assert not isinstance(value, dict)
 
 
+@PROPERTY
 @given(trees)
 def test_changed_keys_of_equal_trees_is_empty(a: dict[str, Any]) -> None:
     assert changed_keys(a, copy.deepcopy(a)) == []
 
 
+@PROPERTY
 @given(trees, trees)
 def test_changed_keys_are_the_patch_leaves_that_differ(a: dict[str, Any], p: dict[str, Any]) -> None:
     old = dict(flatten(a))
@@ -183,6 +197,7 @@ def test_changed_keys_are_the_patch_leaves_that_differ(a: dict[str, Any], p: dic
     assert changed_keys(a, merge(a, p)) == expected
 
 
+@PROPERTY
 @given(trees, trees)
 def test_changed_keys_is_symmetric_and_complete(a: dict[str, Any], b: dict[str, Any]) -> None:
     keys = changed_keys(a, b)
@@ -198,7 +213,7 @@ def test_changed_keys_counts_added_and_removed_leaves() -> None:
     assert changed_keys(old, new) == [("kernel", "sysctl", "x.y"), ("kernel", "sysctl", "z"), ("motd",)]
 
 
-@settings(max_examples=50)
+@settings(PROPERTY, max_examples=50)
 @given(trees, st.lists(st.lists(st.sampled_from(TABLES + LEAVES), min_size=1, max_size=3).map(tuple), max_size=4))
 def test_select_takes_existing_paths_only(t: dict[str, Any], paths: list[tuple[str, ...]]) -> None:
     out = select(t, paths)

@@ -23,6 +23,7 @@ from kiln.host.slot.state import (
     SlotState,
     cancel_upgrade,
     clear_inactive,
+    grub_boot,
     mark_inactive_valid,
     mark_successful_boot,
     rollback_to_inactive,
@@ -45,16 +46,6 @@ def placed(active: str, running: Flags, other: Flags) -> SlotState:
 def fresh() -> SlotState:
     """The state of a freshly built image, running slot A."""
     return state(GOOD, EMPTY, "A")
-
-
-def grub_boot(st: SlotState) -> SlotState:
-    """What grub.cfg does: pick `next_boot`, spend one of its tries, and run it."""
-    slot = st.next_boot
-    assert slot is not None, f"GRUB finds no bootable slot in {st}"
-    f = st.flags(slot)
-    if f.tries_left > 0:
-        st = st.with_flags(slot, replace(f, tries_left=f.tries_left - 1))
-    return replace(st, active=slot)
 
 
 # --- will_boot and next_boot -----------------------------------------------------------
@@ -403,8 +394,8 @@ def test_from_env_rejects_non_ascii_digits(key: str, value: str) -> None:
     ("key", "value"),
     [
         ("A_OK", "01"),  # grub.cfg tests `[ "$A_OK" = 1 ]`: "01" is not successful
-        ("B_PRIO", "08"),  # GRUB's test -gt parses base 0: "08" is octal 0
-        ("B_PRIO", "010"),  # ... and "010" is 8, not 10
+        ("B_PRIO", "08"),  # a leading zero: refused, whatever GRUB makes of it
+        ("B_PRIO", "010"),  # GRUB's test -gt reads octal: 8, not 10 (tests/test_grub_cfg.py)
     ],
 )
 def test_from_env_rejects_non_canonical_numbers(key: str, value: str) -> None:

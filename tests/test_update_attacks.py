@@ -11,6 +11,7 @@ slot B bootable, and (d) record the failure in the status file (`most_recent_com
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -227,22 +228,21 @@ def test_endless_image_stops_at_the_signed_length(tmp_path: Path, disk: Path, re
     name, url = image_url(repo.directory, "root")
     signed = len(repo.read(url) or b"")
     repo.endless.add(url)
-    started = time.monotonic()
     guard.refused("prepare", UntrustedUpdate, f"target {name}", f"sent more than the signed {signed} bytes")
-    assert time.monotonic() - started < 10
-    assert stops_sending(repo, url) < 64 * MiB  # of the 4 GiB on offer
+    assert stops_sending(repo, url) < 64 * MiB  # of the 4 GiB on offer: the proof, not a time
 
 
 def stops_sending(srv: ControlledRepo, path: str) -> int:
-    """Bytes the server sent on `path`, once the client hung up and the count stopped growing."""
-    last = -1
-    for _ in range(100):
-        now = srv.sent.get(path, 0)
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.05)
-    raise AssertionError(f"{path}: the server is still sending ({last} bytes)")
+    """Bytes the server sent on `path`, once every response to it ended (the client hung up).
+
+    The refused download's generator, and with it its connection, stays open while the
+    error's traceback holds its frame (a reference cycle): collecting it closes the
+    connection, and the server's next write fails at once. 30 s only ends a hang (a client
+    still reading) within the module's 60 s timeout."""
+    gc.collect()
+    for i, done in enumerate(srv.finished.get(path, [])):
+        assert done.wait(30), f"{path}: the server is still sending response {i + 1} ({srv.sent.get(path, 0)} bytes)"
+    return srv.sent.get(path, 0)
 
 
 def test_slow_retrieval_of_an_image_hits_the_deadline(tmp_path: Path, disk: Path, repo: ControlledRepo) -> None:
@@ -253,9 +253,9 @@ def test_slow_retrieval_of_an_image_hits_the_deadline(tmp_path: Path, disk: Path
     agent.fetcher = HttpFetcher(socket_timeout=2.0, min_rate=64 * 1024, grace=0.3)
     name, url = image_url(repo.directory, "root")
     repo.rates[url] = 2000
-    started = time.monotonic()
+    # "too slow" is the deadline's own error: without it the trickle (pieces every 50 ms,
+    # never idle for the 2 s socket timeout) would run to the end and the prepare succeed.
     guard.refused("prepare", RepositoryUnreachable, f"downloading {name}", name, "too slow")
-    assert time.monotonic() - started < 5
 
 
 def test_slow_retrieval_of_metadata_hits_the_deadline(tmp_path: Path, disk: Path, repo: ControlledRepo) -> None:
@@ -263,9 +263,7 @@ def test_slow_retrieval_of_metadata_hits_the_deadline(tmp_path: Path, disk: Path
     agent = guard.agent
     agent.fetcher = HttpFetcher(socket_timeout=2.0, min_rate=64 * 1024, grace=0.3)
     repo.rates["/metadata/timestamp.json"] = 1000
-    started = time.monotonic()
-    guard.refused_both(RepositoryUnreachable, "timestamp.json", "too slow")
-    assert time.monotonic() - started < 5
+    guard.refused_both(RepositoryUnreachable, "timestamp.json", "too slow")  # the deadline's error, as above
 
 
 # --- releases the manifest lies about (validly signed: the publisher's artifacts were bad) -------
@@ -299,10 +297,8 @@ def test_zstd_bomb_stops_at_the_signed_size(tmp_path: Path, disk: Path, repo: Co
     guard = ready(tmp_path, disk, repo)
     agent = guard.agent
     name, _ = image_url(repo.directory, "root")
-    started = time.monotonic()
     guard.refused("prepare", UntrustedUpdate, name, f"decompresses to more than the signed {4 * MiB} bytes")
-    assert time.monotonic() - started < 10
-    region = agent.slots.partitions("B")["root"]
+    region = agent.slots.partitions("B")["root"]  # the proof: nothing written past the signed size
     assert region.read(4 * MiB, region.size - 4 * MiB) == bytes(region.size - 4 * MiB), \
         "the writer went past the signed size"
 
@@ -441,13 +437,21 @@ def test_freeze(tmp_path: Path, disk: Path, repo: ControlledRepo, releases: dict
     cannot tell a frozen repository from a quiet one, so it simply sees no new update.
     TUF's defence is the timestamp's short expiry (7 days by default, renewed by `kiln repo
     refresh` from cron): once the replayed timestamp expires, the agent refuses with
-    MetadataExpired. Here the frozen timestamp expires after 5 seconds."""
-    expires = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
-    commit_expiring(repo.directory, {"timestamp"}, timestamp=expires)
+    MetadataExpired. Here the frozen timestamp expires 6 s after it is signed.
+
+    The frozen timestamp is signed in a copy of the repository taken before 2.0.0 (same
+    keys, same files), right before the refresh that must see it unexpired: the 6 s cover
+    that one refresh (~0.2 s idle), not the publishing. The real repository renews its
+    timestamp after publishing (as cron would), so the honest one outranks the frozen one."""
     guard = ready(tmp_path, disk, repo)
     agent = guard.agent
-    frozen = meta(repo, "timestamp.json")
+    before = tmp_path / "repo-before-2.0.0"
+    shutil.copytree(repo.directory, before)
     publish.add(repo.directory, releases["2.0.0"], waves="none")
+    commit_expiring(repo.directory, {"timestamp"})  # the renewal
+    expires = (datetime.now(UTC) + timedelta(seconds=6)).replace(microsecond=0)
+    commit_expiring(before, {"timestamp"}, timestamp=expires)
+    frozen = (before / "metadata" / "timestamp.json").read_bytes()
     repo.hooks["/metadata/timestamp.json"] = lambda p, d: frozen
 
     st = agent.run("refresh")
@@ -456,7 +460,7 @@ def test_freeze(tmp_path: Path, disk: Path, repo: ControlledRepo, releases: dict
     assert st.chosen_update == {"variant": "container-host", "arch": "amd64", "version": "1.1.0"}
     guard.check()
 
-    while datetime.now(UTC) < expires + timedelta(milliseconds=100):
+    while datetime.now(UTC) < expires + timedelta(milliseconds=100):  # wait for the expiry itself
         time.sleep(0.1)
     guard.refused_both(MetadataExpired, "timestamp.json is expired")
 
@@ -538,9 +542,7 @@ def test_endless_timestamp_stops_at_the_maximum_length(tmp_path: Path, disk: Pat
     guard = ready(tmp_path, disk, repo)
     path = "/metadata/timestamp.json"
     repo.endless.add(path)
-    started = time.monotonic()
     guard.refused_both(UntrustedUpdate, "timestamp.json", "exceeding the maximum allowed length of 16384")
-    assert time.monotonic() - started < 10
     assert stops_sending(repo, path) < 64 * MiB
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from kiln.build import tools
 from kiln.core.run import run
 from kiln.image import grubenv, layout
-from kiln.image.verity import VerityResult
+from kiln.image.verity import VerityResult, dm_table
 from kiln.variant import Variant
 
 GRUB_CFG = Path(__file__).with_name("data") / "grub.cfg"
@@ -49,11 +49,23 @@ def grub_cfg() -> str:
     )
 
 
+# The devices in the verity table: a BOOT image may be written to either slot, so only the
+# initramfs, once it has found the booted slot's partitions, can fill them in.
+VERITY_DEVICES = ("@ROOT@", "@HASH@")
+
+
+def verity_arg(vres: VerityResult) -> str:
+    """`kiln.verity=`: dm_table()'s line with ',' for ' ' (one kernel parameter); the one
+    source of the table the initramfs opens, restart_on_corruption included."""
+    fields = dm_table(*VERITY_DEVICES, vres).split(" ")
+    assert all(f and "," not in f for f in fields), fields
+    return "kiln.verity=" + ",".join(fields)
+
+
 def slot_cfg(v: Variant, vres: VerityResult) -> str:
-    """kiln.cfg on the BOOT partition: the command line and verity parameters of this build."""
+    """kiln.cfg on the BOOT partition: the command line and verity table of this build."""
     cmdline = " ".join([*v.cmdline, f"kiln.variant={v.name}", f"kiln.version={v.version}"])
-    veritypar = f"kiln.roothash={vres.root_hash} kiln.salt={vres.salt} kiln.blocks={vres.data_blocks}"
-    return f'set KILN_CMDLINE="{cmdline}"\nset KILN_VERITY="{veritypar}"\n'
+    return f'set KILN_CMDLINE="{cmdline}"\nset KILN_VERITY="{verity_arg(vres)}"\n'
 
 
 def boot_partition(

@@ -34,6 +34,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "mkfs.ext4": "e2fsprogs",
     "grub-mkimage": "grub-common",
     "grub-editenv": "grub-common",
+    "grub-emu": "grub-emu",
+    "unshare": "util-linux",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "zstd": "zstd",

@@ -32,6 +32,10 @@ POWER_DOWN = "reboot: Power down"  # the guest kernel's last line before an ACPI
 HOST_SIGNAL = "qemu-system-x86_64: terminating on signal"  # QEMU's stderr (merged): SIGTERM/SIGINT exit 0
 
 
+class SerialTimeout(KilnError):
+    """`Vm.wait_for` saw no match on the serial console in time (the VM still runs)."""
+
+
 class Ending(StrEnum):
     """How a VM ended, as a whole (a guest reboot under cold_reboot is not an ending)."""
 
@@ -391,8 +395,10 @@ class Vm:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._over():
                     tail = self._buf[-3000:]
-                    why = "timed out" if left <= 0 else f"the VM ended ({self.ending})"
-                    raise KilnError(f"{why} waiting for {rx.pattern!r} on the serial console; last output:\n{tail}")
+                    what = f"waiting for {rx.pattern!r} on the serial console; last output:\n{tail}"
+                    if left <= 0:
+                        raise SerialTimeout(f"timed out {what}")
+                    raise KilnError(f"the VM ended ({self.ending}) {what}")
                 self._cond.wait(min(left, 1.0))
 
     def _over(self) -> bool:

@@ -34,16 +34,22 @@ class Check:
         return cls(tuple(h.get("units") or ()), h.get("http-check"), float(h.get("timeout") or DEFAULT_TIMEOUT))
 
 
-def _unit_states(units: list[str]) -> dict[str, str]:
-    out = subprocess.run(
-        ["systemctl", "show", "--property=Id,ActiveState", "--", *units], capture_output=True, text=True, check=False
-    ).stdout
+def parse_show(out: str, units: list[str]) -> dict[str, str]:
+    """ActiveState of each of `units` from `systemctl show --property=Id,ActiveState`
+    (blocks separated by blank lines); "unknown" for a unit systemd did not describe."""
     states: dict[str, str] = {}
     for block in out.strip().split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
         if "Id" in fields:
             states[fields["Id"]] = fields.get("ActiveState", "unknown")
     return {u: states.get(u, "unknown") for u in units}
+
+
+def _unit_states(units: list[str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["systemctl", "show", "--property=Id,ActiveState", "--", *units], capture_output=True, text=True, check=False
+    ).stdout
+    return parse_show(out, units)
 
 
 def _http_ok(url: str) -> str | None:
@@ -57,7 +63,7 @@ def _http_ok(url: str) -> str | None:
         return str(getattr(e, "reason", e))
 
 
-def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_ok) -> str | None:
+def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_ok, poll: float = POLL) -> str | None:
     """Poll until every unit is active and the HTTP check passes; None when healthy,
     else the reason (which unit, which answer) once the timeout has passed. The ready
     target is checked once: it has finished (reached or failed) when this runs."""
@@ -73,4 +79,4 @@ def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_
             return None
         if time.monotonic() >= deadline:
             return "; ".join(problems) + f" (after {check.timeout:.0f} s)"
-        time.sleep(POLL)
+        time.sleep(poll)

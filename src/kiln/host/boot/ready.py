@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kiln.core.errors import KilnError
 from kiln.host.boot import health
@@ -21,6 +23,13 @@ from kiln.host.update import failures
 from kiln.host.update.status import Paths, write_versions
 
 UNHEALTHY = failures.UNHEALTHY
+Wait = Callable[[health.Check], str | None]
+
+
+def _reboot() -> None:
+    from kiln.core.run import run
+
+    run(["systemctl", "reboot"], check=False)
 
 
 def ready_line(osr: dict[str, str], slot: str) -> str:
@@ -44,6 +53,19 @@ def status_line() -> str:
             f"local={mounts.get('/local', ('?', '?'))[1]} services={','.join(services)}")
 
 
+def fell_back(st: SlotState) -> bool:
+    """GRUB chose the running slot because the other one, the upgrade target (higher
+    priority), spent its try without ever being marked successful."""
+    other, mine = st.flags(st.inactive), st.flags(st.active or "A")
+    return other.priority > mine.priority and not other.will_boot and not other.successful
+
+
+def rolls_back(st: SlotState) -> bool:
+    """After a failed health gate: reboot into the other slot only when the running version
+    was never marked successful here, and the other slot would boot."""
+    return not st.flags(st.active or "A").successful and st.flags(st.inactive).will_boot
+
+
 def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> None:
     """If GRUB fell back from the other slot (tried, never successful), log why, then
     clear that slot so the report is made once and the broken version cannot boot."""
@@ -52,15 +74,14 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
 
     from kiln.host.update.status import read_versions, write_versions
 
-    other, mine = st.flags(st.inactive), st.flags(slots.active or "A")
-    if not (other.priority > mine.priority and not other.will_boot and not other.successful):
+    if not fell_back(st):
         return
     pending = paths.state / "pending-failure.json"
     note: dict[str, str] = {}
     with contextlib.suppress(FileNotFoundError, ValueError):
         note = json.loads(pending.read_bytes())
     reason = note.get("reason") if note.get("slot") == st.inactive else None
-    version = read_versions(paths).get(st.inactive) or note.get("version") or "unknown"
+    version = read_versions(paths).get(st.inactive) or (note.get("version") if reason else None) or "unknown"
     # A note means the new version judged itself (health gate): a definite failure. No
     # note: it never got that far, which a power cut cannot be told apart from: ambiguous.
     entry = {"version": version, "slot": st.inactive, "reason": reason or UNHEALTHY,
@@ -73,32 +94,55 @@ def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> 
     pending.unlink(missing_ok=True)
 
 
-def gate(slots: Slots, st: SlotState, paths: Paths, version: str) -> bool:
-    """The health gate; on failure of a version never marked successful, reboot into
-    the other slot when it would boot. Returns True when healthy."""
-    import json
-
-    from kiln.core.fs import atomic_write
+def _live_settings() -> dict[str, Any]:
     from kiln.host.datastore import Datastore
 
     try:
-        settings = Datastore().live()
+        return Datastore().live()
     except Exception:  # no settings: the gate then checks the defaults
-        settings = {}
-    reason = health.wait_healthy(health.Check.from_settings(settings))
+        return {}
+
+
+def gate(slots: Slots, st: SlotState, paths: Paths, version: str, *, settings: dict[str, Any] | None = None,
+         wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot) -> bool:
+    """The health gate; on failure of a version never marked successful, reboot into
+    the other slot when it would boot. Returns True when healthy. (`settings`, `wait` and
+    `reboot` default to the host's: tests pass their own.)"""
+    import json
+
+    from kiln.core.fs import atomic_write
+
+    reason = wait(health.Check.from_settings(_live_settings() if settings is None else settings))
     if reason is None:
         return True
     slot = slots.active or "A"
     say(f"kiln: not ready: {reason}")
-    if not st.flags(slot).successful and st.flags(st.inactive).will_boot:
+    if rolls_back(st):
         note = {"version": version, "slot": slot, "reason": f"health gate failed: {reason}"}
         paths.state.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.state / "pending-failure.json", json.dumps(note).encode())
         say(f"kiln: version {version} failed its health gate; rebooting into slot {st.inactive}")
-        from kiln.core.run import run
-
-        run(["systemctl", "reboot"], check=False)
+        reboot()
     return False
+
+
+def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any] | None = None,
+            wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot) -> bool:
+    """Everything between the boot and the ready line: repair an unreadable grubenv,
+    report a fallback, pass the health gate, mark the slot successful. True when marked."""
+    slot = slots.active or "A"
+    try:
+        st = slots.state()
+    except KilnError as e:  # GRUB fell back to A on an unreadable grubenv; repair it
+        st = slots.reset_to_active()
+        say(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, the other slot cleared")
+    report_fallback(slots, st, paths, version)
+    st = slots.state()
+    if not gate(slots, st, paths, version, settings=settings, wait=wait, reboot=reboot):
+        return False
+    slots.apply("mark-successful-boot")
+    write_versions(paths, {slot: version})
+    return True
 
 
 def main() -> int:
@@ -106,21 +150,10 @@ def main() -> int:
     if slot is None:
         print("kiln: not booted through Kiln's boot chain (no kiln.slot=)", file=sys.stderr)
         return 1
-    paths = Paths()
     version = os_release().get("version_id", "?")
     try:
-        slots = Slots.open(active=slot)
-        try:
-            st = slots.state()
-        except KilnError as e:  # GRUB fell back to A on an unreadable grubenv; repair it
-            st = slots.reset_to_active()
-            say(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, the other slot cleared")
-        report_fallback(slots, st, paths, version)
-        st = slots.state()
-        if not gate(slots, st, paths, version):
+        if not confirm(Slots.open(active=slot), Paths(), version):
             return 1
-        slots.apply("mark-successful-boot")
-        write_versions(paths, {slot: version})
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)
         return 1

@@ -68,7 +68,7 @@ class SlotState:
     def from_env(cls, env: dict[str, str], active: str | None) -> SlotState:
         def num(key: str, hi: int) -> int:
             raw = env.get(key, "0")
-            # Canonical ASCII decimal only: GRUB's test reads "08" or "١" differently.
+            # Canonical ASCII decimal only: GRUB's test reads "010" (8) or "١" differently.
             if not re.fullmatch(r"0|[1-9][0-9]?", raw) or int(raw) > hi:
                 raise KilnError(f"grubenv: {key}={raw!r} is not a number in 0..{hi}")
             return int(raw)
@@ -94,6 +94,20 @@ class SlotState:
 
         return {"A": slot("A"), "B": slot("B"), "active": self.active, "next": self.next_boot,
                 "ever_succeeded": self.ever_succeeded}
+
+
+def grub_boot(st: SlotState) -> SlotState:
+    """What grub.cfg does at power-on: boot `next_boot`, spending one of its tries first.
+
+    The model the exhaustive searches use; tests/test_grub_cfg.py runs the real grub.cfg
+    in grub-emu against the same states and checks that GRUB does exactly this."""
+    slot = st.next_boot
+    if slot is None:
+        raise SlotError("no slot would boot: GRUB reboots")
+    f = st.flags(slot)
+    if f.tries_left > 0:
+        st = st.with_flags(slot, replace(f, tries_left=f.tries_left - 1))
+    return replace(st, active=slot)
 
 
 # --- transitions (signpost's commands) ----------------------------------------------------
