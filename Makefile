@@ -58,6 +58,8 @@ bench: setup
 	$(SUDO) $(PY) bench/containers.py
 	$(SUDO) $(PY) bench/fleet.py --guest
 	$(SUDO) $(PY) bench/fleet_simulate.py
+	$(SUDO) $(PY) bench/fleet_view.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf build

@@ -11,6 +11,7 @@ import bisect
 import contextlib
 import datetime
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -77,13 +78,114 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def write_result(name: str, data: dict[str, Any]) -> Path:
-    """bench/results/<name>.json, written whole (temporary file, then rename)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------ results: every run kept
+# bench/results/<name>.json is a JSON list of runs, oldest first. One run:
+#   {"benchmark": name, "date": ISO UTC, "commit": full hash (git rev-parse HEAD when the
+#    benchmark started), "uncommitted": `git status --porcelain` of src/ variants/ bench/,
+#    "uncommitted_diff_sha256": sha256 of `git diff HEAD` there (null when clean),
+#    "machine": machine(), "load": {"start": [1, 5, 15 min], "end": [...]},
+#    "argv": the benchmark's command line, "note": null or how the run came to be here,
+#    "result": what the benchmark measured}
+# bench/report.py renders docs/benchmarks.md from these lists.
+RUN_KEYS = ("benchmark", "date", "commit", "uncommitted", "uncommitted_diff_sha256", "machine", "load",
+            "argv", "note", "result")
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def source_state() -> dict[str, Any]:
+    """The commit checked out and what differs from it where the measured code lives."""
+    paths = ("src", "variants", "bench")
+    diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--", *paths], capture_output=True,
+                          check=False).stdout
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *paths).splitlines()
+    status = [line for line in status if not line[3:].startswith("bench/results/")]
+    return {"commit": _git("rev-parse", "HEAD") or None, "uncommitted": status,
+            "uncommitted_diff_sha256": hashlib.sha256(diff).hexdigest() if diff or status else None}
+
+
+_source_at_start: dict[str, Any] | None = None
+
+
+def source_at_start() -> dict[str, Any]:
+    """source_state() when the benchmark started (its first machine() call): the code it measures."""
+    global _source_at_start
+    if _source_at_start is None:
+        _source_at_start = source_state()
+    return _source_at_start
+
+
+def load_runs(name: str) -> list[dict[str, Any]]:
+    """Every recorded run of benchmark `name` (oldest first); [] when there is none yet."""
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path.relative_to(REPO)} is not a list of runs (convert it with bench/report.py --convert)")
+    return data
+
+
+def legacy_run(name: str, data: dict[str, Any], note: str) -> dict[str, Any]:
+    """A run record for a result file written before every run was kept (one run, one dict).
+
+    Its commit is the one the benchmark recorded (`source.commit`, expanded by git), or null
+    when it recorded none; `note` says where the file came from."""
+    info = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    recorded = source.get("commit")
+    commit = (_git("rev-parse", "--verify", "--quiet", f"{recorded}^{{commit}}") or recorded) if recorded else None
+    uncommitted = source.get("uncommitted")
+    return {
+        "benchmark": name,
+        "date": info.get("date"),
+        "commit": commit,
+        "uncommitted": uncommitted,
+        "uncommitted_diff_sha256": None,
+        "machine": info or None,
+        "load": {"start": info.get("loadavg_at_start"), "end": info.get("loadavg_at_end")},
+        "argv": None,
+        "note": note,
+        "result": {k: v for k, v in data.items() if k != "machine"},
+    }
+
+
+def new_run(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A run record for `result`, measured now by this process."""
+    info = result.get("machine") if isinstance(result.get("machine"), dict) else None
+    info = dict(info) if info else machine()
+    info.setdefault("loadavg_at_end", [round(x, 2) for x in os.getloadavg()])
+    body = {k: v for k, v in result.items() if k != "machine"}
+    return {
+        "benchmark": name,
+        "date": info.get("date") or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **source_at_start(),
+        "machine": info,
+        "load": {"start": info.get("loadavg_at_start"), "end": info.get("loadavg_at_end")},
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "note": None,
+        "result": body,
+    }
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    """Append this run to bench/results/<name>.json (a list of every run; written whole to a
+    temporary file, then renamed; a lock file keeps two benchmarks from losing a run)."""
+    import fcntl
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    with open(CACHE / f"results-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = load_runs(name)
+        runs.append(new_run(name, data))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(runs, indent=1, sort_keys=False, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
     return path
 
 
@@ -130,6 +232,7 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on (goes into every result file)."""
     import kiln
 
+    source_at_start()
     virt = _tool_version(["systemd-detect-virt"])
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

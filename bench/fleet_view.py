@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", type=int, default=20_000)
     args = p.parse_args(argv)
+    info = B.machine()
+    B.other_work(warn=True)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-view-") as tmp, etcd_cluster(Path(tmp) / "etcd") as etcd:
         server = ServerProcess(etcd.endpoints, free_port()).start()
         try:
@@ -131,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             read = reads(server, args.hosts)
         finally:
             server.kill()
-    result = {"hosts": args.hosts, "ingest": kiln, "floor": floor, "read": read,
-              "ingest_ratio": B.ratio(floor["per_s"], kiln["per_s"])}
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"machine": info, "source": B.git_source(), "parallel": PARALLEL, "hosts": args.hosts,
+              "ingest": kiln, "floor": floor, "read": read, "ingest_ratio": B.ratio(floor["per_s"], kiln["per_s"])}
     print(B.table([
         ["reports in (kiln fleet serve)", f"{kiln['per_s']:.0f}/s",
          f"{kiln['seconds']} s, server CPU {kiln['server_cpu_ms_per_report']} ms each"],

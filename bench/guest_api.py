@@ -12,9 +12,10 @@ user data that turns on the mutual-TLS remote API, then once more (a reboot), an
                from a Python client inside the guest: connect → first response, which
                includes the server's socket-activated start; then the same GET warm
                (median of 20) — the alternative, a server already running;
-- memory:      VmRSS of every long-lived Kiln process (API server, remote API) beside
-               containerd for scale, and the peak RSS of the one-shot Kiln processes
-               (the boot pipeline, fast and full; the `kiln` client) via getrusage.
+- memory:      VmRSS and VmHWM of every long-lived Kiln process (API server, remote API,
+               update daemon) beside containerd for scale, and the peak RSS (VmHWM, read
+               by the process itself as it exits) of the one-shot Kiln processes (the boot
+               pipeline, fast and full; the `kiln` client).
 
 Target: the Kiln agents together under 60 MiB resident. Writes bench/results/guest_api.json.
 """
@@ -40,6 +41,9 @@ from kiln.core.progress import Progress
 from kiln.variant import load_variant
 from kiln.vm.qemu import Forward, Vm, VmConfig, free_port
 
+# The long-lived Kiln processes of a host with the remote API and automatic updates on.
+AGENTS = ("kiln-apiserver", "kiln-api-remote", "kiln-updater")
+
 FIRST_RESPONSE = r"""
 import socket, time, json
 t0 = time.monotonic()
@@ -51,10 +55,32 @@ while chunk := s.recv(65536):
 print(json.dumps({"seconds": time.monotonic() - t0, "status": data.split(b" ", 2)[1].decode()}))
 """
 
-PEAK_RSS = r"""
-import resource, subprocess, sys, json
-subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))
+# The peak resident memory of a one-shot command, read by the process itself: an atexit hook
+# reads VmHWM from its own /proc/self/status after the command's work, before the interpreter
+# releases its memory, and writes it to a file. Not getrusage(RUSAGE_CHILDREN).ru_maxrss: Linux
+# starts a child's ru_maxrss at its parent's size when it execs, so it says as much about the
+# parent as about the child. The command is a Python module, run as `python3 -I -m` runs it.
+PEAK_HWM = r"""
+import json, os, subprocess, sys
+OUT = "/tmp/bench-hwm"
+WRAP = (
+    "import atexit, runpy, sys\n"
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            with open(%r, 'w') as f:\n"
+    "                f.write(line.split()[1])\n"
+    "atexit.register(_hwm)\n"
+    "module = sys.argv[1]\n"
+    "sys.argv = [module, *sys.argv[2:]]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+) % OUT
+if os.path.exists(OUT):
+    os.unlink(OUT)
+proc = subprocess.run(["python3", "-I", "-c", WRAP, *sys.argv[1:]], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL, check=False)
+kib = int(open(OUT).read()) if os.path.exists(OUT) else None
+print(json.dumps({"vmhwm_bytes": None if kib is None else kib * 1024, "returncode": proc.returncode}))
 """
 
 
@@ -85,19 +111,31 @@ def guest_py(vm: Vm, code: str, *args: str) -> Any:
     return json.loads(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180).strip().splitlines()[-1])
 
 
-def rss_of(vm: Vm, unit: str) -> int | None:
+def memory_of(vm: Vm, unit: str) -> dict[str, int] | None:
+    """VmRSS and VmHWM (bytes) of a unit's main process, or None when it is not running."""
     pid = vm.check(f"systemctl show -p MainPID --value {unit}").strip()
     if not pid.isdigit() or pid == "0":
         return None
-    line = vm.check(f"grep VmRSS /proc/{pid}/status").split()
-    return int(line[1]) * 1024
+    out: dict[str, int] = {}
+    for line in vm.check(f"grep -E '^Vm(RSS|HWM):' /proc/{pid}/status").splitlines():
+        key, value = line.split()[:2]
+        out[key.rstrip(":")] = int(value) * 1024
+    return out
+
+
+def peak_of(vm: Vm, *module_args: str) -> int | None:
+    got = guest_py(vm, PEAK_HWM, *module_args)
+    return got["vmhwm_bytes"] if isinstance(got.get("vmhwm_bytes"), int) else None
 
 
 def measure(image: Path, work: Path) -> dict[str, Any]:
     fleet = work / "pki"
     pki.init(fleet)
     user_data = work / "user-data.toml"
-    user_data.write_text(pki.user_data(fleet) + '\n[settings]\nmotd = "bench"\n')
+    # The remote API and the update daemon on, as on a host in a fleet: every long-lived Kiln agent
+    # runs. (No repository answers the daemon's checks here; it waits a day between them.)
+    user_data.write_text(pki.user_data(fleet) + '\n[settings]\nmotd = "bench"\n'
+                         '\n[settings.updates]\nstrategy = "immediate"\ncheck-interval = "24h"\n')
     port = free_port()
     vm = Vm(VmConfig(image, work / "vm", accel="tcg", user_data=user_data, forwards=(Forward(port, 50000),)),
             serial_log=work / "serial.log")
@@ -113,19 +151,15 @@ def measure(image: Path, work: Path) -> dict[str, Any]:
         warm = [guest_py(vm, FIRST_RESPONSE)["seconds"] for _ in range(20)]
         out["api"] = {"first_response_s": cold["seconds"], "status": cold["status"],
                       "warm_request_median_s": statistics.median(warm)}
-        out["rss_bytes"] = {
-            "kiln-apiserver": rss_of(vm, "kiln-apiserver.service"),
-            "kiln-api-remote": rss_of(vm, "kiln-api-remote.service"),
-            "containerd (for scale)": rss_of(vm, "containerd.service"),
-        }
-        out["peak_rss_bytes"] = {
-            "boot pipeline (render cache current)": guest_py(vm, PEAK_RSS, "python3", "-I", "-m",
-                                                              "kiln.host.boot.pipeline"),
-            "kiln settings get (client)": guest_py(vm, PEAK_RSS, "kiln", "settings", "get"),
+        memory = {unit: memory_of(vm, f"{unit}.service") for unit in (*AGENTS, "containerd")}
+        out["rss_bytes"] = {unit: m["VmRSS"] if m else None for unit, m in memory.items()}
+        out["hwm_bytes"] = {unit: m["VmHWM"] if m else None for unit, m in memory.items()}
+        out["peak_hwm_bytes"] = {
+            "boot pipeline (render cache current)": peak_of(vm, "kiln.host.boot.pipeline"),
+            "kiln settings get (client)": peak_of(vm, "kiln.host.cli", "settings", "get"),
         }
         vm.check("rm -f /var/lib/kiln/rendered/manifest.json")
-        out["peak_rss_bytes"]["boot pipeline (full render + restarts)"] = guest_py(
-            vm, PEAK_RSS, "python3", "-I", "-m", "kiln.host.boot.pipeline")
+        out["peak_hwm_bytes"]["boot pipeline (full render + restarts)"] = peak_of(vm, "kiln.host.boot.pipeline")
         vm.mark()
         vm.send("reboot\n")
         vm.wait_ready(300)
@@ -133,7 +167,11 @@ def measure(image: Path, work: Path) -> dict[str, Any]:
         out["second_boot"] = boot_share(vm)
     finally:
         vm.kill()
-    agents = sum(v for k, v in out["rss_bytes"].items() if v and k.startswith("kiln"))
+    missing = [unit for unit in AGENTS if not out["rss_bytes"].get(unit)]
+    if missing:
+        raise RuntimeError(f"not running in the guest: {missing}")
+    agents = sum(out["rss_bytes"][unit] for unit in AGENTS)
+    out["agents"] = list(AGENTS)
     out["agents_resident_bytes"] = agents
     out["agents_target_bytes"] = 60 * B.MiB
     out["agents_target_met"] = agents < 60 * B.MiB
@@ -155,11 +193,11 @@ def report(r: dict[str, Any]) -> str:
                           ["ratio cold/warm", B.fmt_ratio(B.ratio(a["first_response_s"], a["warm_request_median_s"]))]],
                          ["API in the guest", "time"]))
     lines.append("")
-    mem = [[k, B.fmt_mib(v)] for k, v in r["rss_bytes"].items()]
-    mem += [[f"peak: {k}", B.fmt_mib(v)] for k, v in r["peak_rss_bytes"].items()]
+    mem = [[k, B.fmt_mib(v), B.fmt_mib(r["hwm_bytes"].get(k))] for k, v in r["rss_bytes"].items()]
+    mem += [[f"peak: {k}", "", B.fmt_mib(v)] for k, v in r["peak_hwm_bytes"].items()]
     mem.append(["Kiln agents resident together (target < 60 MiB)",
-                B.fmt_mib(r["agents_resident_bytes"]) + (" ok" if r["agents_target_met"] else " MISSED")])
-    lines.append(B.table(mem, ["process", "RSS"]))
+                B.fmt_mib(r["agents_resident_bytes"]) + (" ok" if r["agents_target_met"] else " MISSED"), ""])
+    lines.append(B.table(mem, ["process", "VmRSS", "VmHWM"]))
     return "\n".join(lines)
 
 

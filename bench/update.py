@@ -20,7 +20,10 @@ at http://10.0.2.2:<port>, the port fixed before the builds. Then, side by side 
    Per-phase wall and CPU time of the agent (TUF refresh, each image's write, the verity
    re-read) come from timers wrapped around the agent's own functions in the child, its
    peak RSS from VmHWM; zstd's peak RSS is measured alone with /usr/bin/time.
-   Target: agent / floor <= 1.5.
+   Target: whole processes on both sides: the agent process (interpreter start, imports,
+   refresh + prepare, as `kiln update apply` pays it) <= 1.5 x the tightest floor, the fastest
+   pipeline that decompresses, hashes, writes and fsyncs (each pays its own process starts).
+   The agent's in-process time (refresh + prepare alone) is reported beside it.
 2. publish: `kiln repo add` (the CLI) of the 2.0.0 artifacts into a fresh repository, next to
    `cp` of the same files (the floor), `cp` + `sync`, `sha256sum`, and `publish.add` in
    process (the CLI minus interpreter start and imports).
@@ -64,6 +67,10 @@ CACHE = B.CACHE / "update"
 KILN = Path(sys.executable).parent / "kiln"
 APPLY_TIMEOUT = 1800.0
 FLOORS = ("floor", "floor_raw", "floor_http", "floor_openssl")
+# The floors that do the agent's work (decompress, hash, write, fsync) as whole processes; the
+# target compares the whole agent process with the fastest of them. floor_raw is left out: it
+# skips the decompression by reading an image the agent never gets.
+HONEST_FLOORS = ("floor", "floor_http", "floor_openssl")
 BOOT_TIMEOUT = 600.0
 
 
@@ -365,7 +372,9 @@ def summarise_host(r: dict[str, list[Any]]) -> dict[str, Any]:
     for label in r["agent"][0]["phases"]:
         phases[label] = {field: B.median([a["phases"][label][field] for a in r["agent"]])
                          for field in ("wall_s", "agent_cpu_s", "zstd_cpu_s")}
-    ratio = B.ratio(agent, floors["floor"])
+    process = B.median([a["process_wall_s"] for a in r["agent"]])
+    tightest = min((n for n in HONEST_FLOORS if floors[n] is not None), key=lambda n: floors[n] or 0.0)
+    ratio = B.ratio(process, floors[tightest])
     return {
         "median_s": {"agent": agent, "agent_refresh": B.median([a["refresh_s"] for a in r["agent"]]),
                      "agent_prepare": B.median([a["prepare_s"] for a in r["agent"]]),
@@ -376,10 +385,12 @@ def summarise_host(r: dict[str, list[Any]]) -> dict[str, Any]:
                          **{n: B.median([f["cpu_s"] for f in r[n]]) for n in FLOORS}},
         "median_phases": phases,
         "median_rest_s": B.median([a["total_s"] - sum(p["wall_s"] for p in a["phases"].values()) for a in r["agent"]]),
-        "ratios": {f"agent/{name}": B.ratio(agent, floors[name]) for name in FLOORS},
+        "ratios": {**{f"agent/{name}": B.ratio(agent, floors[name]) for name in FLOORS},
+                   **{f"agent process/{name}": B.ratio(process, floors[name]) for name in FLOORS}},
         "peak_rss_bytes": {"agent": max(a["peak_rss_bytes"] for a in r["agent"]),
                            "agent_after_imports": max(a["rss_after_imports_bytes"] for a in r["agent"])},
-        "target": {"ratio_max": TARGET_RATIO, "met": ratio is not None and ratio <= TARGET_RATIO},
+        "target": {"ratio_max": TARGET_RATIO, "measure": "agent process / tightest floor", "floor": tightest,
+                   "ratio": ratio, "met": ratio is not None and ratio <= TARGET_RATIO},
     }
 
 
@@ -580,25 +591,26 @@ def report(r: dict[str, Any]) -> str:
     size = sum(v["uncompressed"] for v in h["image_bytes"].values())
     lines = [f"1. Host apply of 2.0.0 into slot B ({B.fmt_mib(size)} uncompressed: root, boot, hash), "
              f"median of {len(h['runs']['agent'])}", ""]
+    ratios = h["ratios"]
     rows = [
-        ["agent: refresh + prepare", B.fmt_s(med["agent"], 2), B.fmt_s(cpu["agent"], 2) + " + zstd "
-         + B.fmt_s(cpu["agent_zstd"], 2) + " + server " + B.fmt_s(cpu["server"], 2), "1.00"],
-        ["  of which refresh", B.fmt_s(med["agent_refresh"], 2), "", ""],
-        ["  of which prepare", B.fmt_s(med["agent_prepare"], 2), "", ""],
-        ["  agent process (with interpreter start + imports)", B.fmt_s(med["agent_process"], 2), "", ""],
+        ["agent process: interpreter start, imports, refresh + prepare", B.fmt_s(med["agent_process"], 2), "", "1.00"],
+        ["  in process: refresh + prepare", B.fmt_s(med["agent"], 2), B.fmt_s(cpu["agent"], 2) + " + zstd "
+         + B.fmt_s(cpu["agent_zstd"], 2) + " + server " + B.fmt_s(cpu["server"], 2), ""],
+        ["    of which refresh", B.fmt_s(med["agent_refresh"], 2), "", ""],
+        ["    of which prepare", B.fmt_s(med["agent_prepare"], 2), "", ""],
         ["floor: zstd -dc | tee >(sha256sum) | dd", B.fmt_s(med["floor"], 2), B.fmt_s(cpu["floor"], 2),
-         B.fmt_ratio(h["ratios"]["agent/floor"])],
+         B.fmt_ratio(ratios["agent process/floor"])],
         ["floor, raw: cat image | tee >(sha256sum) | dd", B.fmt_s(med["floor_raw"], 2), B.fmt_s(cpu["floor_raw"], 2),
-         B.fmt_ratio(h["ratios"]["agent/floor_raw"])],
+         B.fmt_ratio(ratios["agent process/floor_raw"])],
         ["floor, HTTP: curl | zstd -dc | tee | dd", B.fmt_s(med["floor_http"], 2), B.fmt_s(cpu["floor_http"], 2),
-         B.fmt_ratio(h["ratios"]["agent/floor_http"])],
+         B.fmt_ratio(ratios["agent process/floor_http"])],
         ["floor, openssl: zstd -dc | tee >(openssl sha256) | dd", B.fmt_s(med["floor_openssl"], 2),
-         B.fmt_s(cpu["floor_openssl"], 2), B.fmt_ratio(h["ratios"]["agent/floor_openssl"])],
+         B.fmt_s(cpu["floor_openssl"], 2), B.fmt_ratio(ratios["agent process/floor_openssl"])],
     ]
-    lines.append(B.table(rows, ["", "wall", "CPU", "agent / this"]))
+    lines.append(B.table(rows, ["", "wall", "CPU", "agent process / this"]))
     t = h["target"]
-    lines.append(f"target: agent <= {t['ratio_max']}x floor: {B.fmt_ratio(h['ratios']['agent/floor'])}x -> "
-                 f"{'ok' if t['met'] else 'MISSED'}")
+    lines.append(f"target: the agent process <= {t['ratio_max']}x the tightest floor ({t['floor']}), whole "
+                 f"processes on both sides: {B.fmt_ratio(t['ratio'])}x -> {'ok' if t['met'] else 'MISSED'}")
     lines.append("")
     rows = [[label, B.fmt_s(p["wall_s"], 2), B.fmt_s(p["agent_cpu_s"], 2), B.fmt_s(p["zstd_cpu_s"], 2)]
             for label, p in h["median_phases"].items()]

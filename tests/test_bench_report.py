@@ -1,0 +1,88 @@
+"""docs/benchmarks.md is what bench/report.py makes of the recorded runs in bench/results/.
+
+Every figure in the document comes from a result file: regenerating it from the committed
+JSON must give the committed document byte for byte, the template's prose must carry no
+hand-typed figure, and every result file must be a list of runs that say where they came
+from (commit, date, machine, load). Fast: no benchmark runs here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report() -> ModuleType:
+    return load_module("report")
+
+
+def test_document_is_generated_from_the_committed_results(report: ModuleType) -> None:
+    assert report.OUTPUT.read_text() == report.build(), (
+        "docs/benchmarks.md differs from what bench/report.py makes of bench/results: run "
+        "`.venv/bin/python bench/report.py` and commit the result"
+    )
+
+
+def test_template_prose_has_no_hand_typed_figures(report: ModuleType) -> None:
+    assert report.lint(report.TEMPLATE.read_text()) == []
+
+
+def test_lint_catches_figures_outside_placeholders_and_code(report: ModuleType) -> None:
+    found = report.lint("p99 9.74 ms, 0.43 s warm, 2,550/s, 1.64×, 43.9 MiB\n{{api.verdict}} `sleep 0.5` 2.0.0")
+    assert [f.split(": ", 1)[1] for f in found] == ["'9.74 ms'", "'0.43 s'", "'2,550/s'", "'1.64×'", "'43.9 MiB'",
+                                                    "'9.74'", "'0.43'", "'1.64'", "'43.9'"]
+
+
+def test_every_placeholder_has_a_value(report: ModuleType) -> None:
+    with pytest.raises(SystemExit, match=r"no value for nothing\.here"):
+        report.render("{{nothing.here}}", {})
+
+
+@pytest.mark.parametrize("name", ["build_time", "boot_time", "api_latency", "guest_api", "update", "containers",
+                                  "fleet", "fleet_simulate", "fleet_view"])
+def test_results_are_lists_of_runs_that_say_where_they_come_from(report: ModuleType, name: str) -> None:
+    runs: list[dict[str, Any]] = json.loads((report.RESULTS / f"{name}.json").read_text())
+    assert isinstance(runs, list) and runs
+    for run in runs:
+        assert run["benchmark"] == name
+        assert {"date", "commit", "uncommitted", "machine", "load", "argv", "note", "result"} <= set(run)
+        assert run["date"]
+        # A run without a recorded commit is one converted from an old single-run file, and says so.
+        assert run["commit"] or run["note"]
+        if run["note"] is None:  # measured since every run is kept: the full picture
+            assert len(run["commit"]) == 40
+            assert run["machine"]["cpus"] and run["load"]["start"] and run["load"]["end"]
+
+
+def test_write_result_appends_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_module("_bench")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    source = {"commit": "0" * 40, "uncommitted": [], "uncommitted_diff_sha256": None}
+    monkeypatch.setattr(bench, "_source_at_start", source)  # no git here: the test run starts no tool
+    machine = {"date": "2026-12-02T00:00:00+00:00", "cpus": 2, "loadavg_at_start": [0.5, 0.4, 0.3]}
+    bench.write_result("probe", {"machine": machine, "value": 1})
+    bench.write_result("probe", {"machine": machine, "value": 2})
+    runs = json.loads((tmp_path / "results" / "probe.json").read_text())
+    assert [r["result"] for r in runs] == [{"value": 1}, {"value": 2}]
+    assert runs[0]["commit"] == "0" * 40
+    assert runs[0]["load"]["start"] == [0.5, 0.4, 0.3] and runs[0]["load"]["end"]
+    assert set(runs[0]) == set(bench.RUN_KEYS)
