@@ -500,7 +500,7 @@ def update_section(runs: list[Run]) -> dict[str, str]:
                    sec(med(dig(a, "phases", k, "zstd_cpu_s") for a in agent))] for k in phase_names]
     rest = med(a["total_s"] - sum(p["wall_s"] for p in (a.get("phases") or {}).values()) for a in agent)
     phase_rows.append(["rest: status file, grubenv reads, choosing", sec(rest), "", ""])
-    phase_rows.append(["interpreter start and imports (in the child, timed from its first line)",
+    phase_rows.append(["before these: importing the agent's modules (timed inside the child)",
                        sec(med(a.get("imports_s") for a in agent)), "", ""])
     probes: list[str] = []
     for r in host_runs:
