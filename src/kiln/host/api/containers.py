@@ -43,7 +43,8 @@ def container_logs(api: Api, req: Request) -> Response:
     if kind not in (None, "host", "bootstrap", "workload"):
         raise ApiError(400, "expected 'host', 'bootstrap' or 'workload'", "kind")
     raw_lines = req.arg("lines", "100") or ""
-    if not raw_lines.isdigit() or not 1 <= int(raw_lines) <= LOG_LINES:
+    # isascii(): "²".isdigit() is True and int("²") raises (a 500); "١٢" would be 12.
+    if not (raw_lines.isascii() and raw_lines.isdigit()) or not 1 <= int(raw_lines) <= LOG_LINES:
         raise ApiError(400, f"expected 1..{LOG_LINES}", "lines")
     if cursor is not None and not CURSOR.fullmatch(cursor):
         raise ApiError(400, "expected a cursor from an earlier answer", "cursor")

@@ -19,12 +19,14 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.host.api import grammar
+from kiln.host.api.grammar import BadRequest
 from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
 from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
 from kiln.host.settings.errors import InvalidSettings
-from kiln.host.settings.keys import BadKey, Tree, flatten, format_key, parse_key, select, set_path, unflatten
+from kiln.host.settings.keys import Tree, flatten, format_key, select, set_path, unflatten
 
 if TYPE_CHECKING:
     from kiln.host.update.control import UpdateControl
@@ -69,17 +71,8 @@ class Request:
         return values[-1] if values else default
 
     def json(self) -> Any:
-        try:
-            value = json.loads(self.body or b"null")
-        except ValueError as e:
-            raise ApiError(400, f"request body is not JSON: {e}", "body") from None
-        except RecursionError:
-            raise ApiError(400, "request body is nested too deeply", "body") from None
-        try:  # "\ud800" parses, but could never be written to a file: refuse it here
-            json.dumps(value, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise ApiError(400, "request body holds a string that is not valid Unicode", "body") from None
-        return value
+        """The body as JSON by the document's rules (kiln.host.api.grammar): `42.0` is an integer."""
+        return grammar.body_json(self.body)
 
 
 @dataclass
@@ -160,7 +153,7 @@ class Api:
             return handler(self, req)
         except ApiError as e:
             return Response(e.status, e.body(), allow=e.allow)
-        except InvalidSettings as e:
+        except (InvalidSettings, BadRequest) as e:
             return Response(400, ApiError(400, e.detail, e.path).body())
         except DatastoreError as e:
             return Response(e.status, ApiError(e.status, e.detail, e.path).body())
@@ -196,37 +189,7 @@ def admin_only(req: Request, what: str) -> None:
 def _keys(req: Request, name: str = "keys") -> list[tuple[str, ...]] | None:
     """`?keys=a,b` as key tuples without the leading `settings` (which is optional)."""
     raw = req.arg(name)
-    if raw is None:
-        return None
-    out = []
-    for k in _split_keys(raw):
-        try:
-            parts = parse_key(k)
-        except BadKey as e:
-            raise ApiError(400, str(e), name) from None
-        out.append(parts[1:] if parts[0] == "settings" else parts)
-    return out
-
-
-def _split_keys(raw: str) -> list[str]:
-    """Split on commas outside quotes (a quoted segment may contain one)."""
-    out: list[str] = []
-    buf: list[str] = []
-    quoted = escaped = False
-    for c in raw:
-        if escaped:
-            escaped = False
-        elif c == "\\" and quoted:
-            escaped = True
-        elif c == '"':
-            quoted = not quoted
-        if c == "," and not quoted and not escaped:
-            out.append("".join(buf))
-            buf = []
-        else:
-            buf.append(c)
-    out.append("".join(buf))
-    return [k for k in (s.strip() for s in out) if k]
+    return None if raw is None else grammar.key_list(raw, name)
 
 
 def _tx(req: Request) -> str:
@@ -283,7 +246,7 @@ def delete_settings(api: Api, req: Request) -> Response:
     if not keys:
         raise ApiError(400, "name the entries to remove: ?keys=containers.NAME,...", "keys")
     with _applying(api):
-        changed = api.store.remove(keys)
+        changed = api.store.remove(list(dict.fromkeys(keys)))  # a key named twice is removed once
         return Response(200, {"changed": [format_key(k) for k in changed], "apply": _apply(api, changed)})
 
 
@@ -305,20 +268,11 @@ def keypairs_to_tree(pairs: list[str]) -> Tree:
     """
     tree: Tree = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ApiError(400, f"'{pair}' is not KEY=VALUE", "request_payload")
-        try:
-            path = parse_key(key.strip())
-        except BadKey as e:
-            raise ApiError(400, str(e), "request_payload") from None
-        path = path[1:] if path[0] == "settings" else path
-        if not path:
-            raise ApiError(400, f"'{key}' names no setting", "request_payload")
+        path, raw = grammar.keypair(pair)
         value: Any = raw
         try:
-            typed = json.loads(raw)
-        except (ValueError, RecursionError):
+            typed = grammar.loads(raw)
+        except ValueError:
             pass
         else:
             if _fits(path, typed) or not _fits(path, raw):
@@ -443,7 +397,7 @@ def _named(req: Request, table: dict[str, Any], what: str) -> dict[str, Any]:
     out = msgspec.to_builtins(table)
     if names is None:
         return dict(out)
-    wanted = [n for n in names.split(",") if n]
+    wanted = grammar.name_list(names)
     missing = [n for n in wanted if n not in table]
     if missing:
         raise ApiError(404, f"no such {what}: {', '.join(missing)}", "names")

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.host.api import limits
+from kiln.host.api import grammar, limits
 from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request, role_refusal
 from kiln.host.datastore import Datastore
 
@@ -133,8 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise refused
             body = self._read_body()
             try:
-                req = Request.from_target(self.command, self.path, body, role,
-                                          (self.headers.get("Upgrade") or "").strip().lower())
+                connection = ", ".join(self.headers.get_all("Connection") or ())
+                upgrade = grammar.upgrade_protocol(connection, self.headers.get("Upgrade"))
+                req = Request.from_target(self.command, self.path, body, role, upgrade)
             except ValueError as e:  # urlsplit: an absolute-form target with a broken host part
                 raise ApiError(400, f"malformed request target: {e}") from None
         except ApiError as e:

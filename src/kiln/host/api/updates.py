@@ -72,7 +72,7 @@ def retry_update(api: Api, req: Request) -> Response:
     try:
         version = str(Version.parse(text, "version"))
     except ManifestError as e:
-        raise ApiError(400, f"{e} (?version=MAJOR.MINOR.PATCH)") from None
+        raise ApiError(400, f"{e} (?version=MAJOR.MINOR.PATCH)", "version") from None
     try:
         cleared = api.updates().retry(version)
     except Busy as e:

@@ -23,10 +23,12 @@ __all__ = ["InvalidSettings", "Settings", "to_tree", "validate"]
 
 # Patterns end in \Z, not $: msgspec searches with re.search, where `$` also matches before
 # a final "\n" (which then reached rendered files). One-line values exclude every line break
-# Python or a C tool would split on, and NUL.
+# Python or a C tool would split on, and NUL. The API document carries each pattern in
+# ECMA-262 (`\Z` spelled `$`); so that the two read alike, patterns use no bare `$`, `.`,
+# `\d` or `\w` (tests/openapi_schema.ecma_pattern refuses them).
 _BREAKS = r"\n\r\x00\x0b\x0c\x85\u2028\u2029"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-Hostname = Annotated[str, Meta(pattern=rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\Z")]
+Hostname = Annotated[str, Meta(pattern=rf"^(?=[A-Za-z0-9.-]{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")]
 Url = Annotated[str, Meta(pattern=r"^https?://[^\s\x00]+\Z", max_length=2048)]
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}\Z")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -55,10 +57,11 @@ Argument = Annotated[str, Meta(pattern=r"^[^\x00]*\Z", max_length=32768)]
 # Mount paths reach `ctr run --mount type=bind,src=…,dst=…`, which ctr reads as CSV of key=value:
 # a ',', '"' or '=' in a path would add fields of the user's choosing (a second `src=/`).
 _MOUNT_SYNTAX = ',"='
-LocalPath = Annotated[
-    str, Meta(pattern=rf"^/local(/(?!\.\.?(/|$))[^/{_BREAKS}{_MOUNT_SYNTAX}]+)*/?\Z", max_length=1024)]
-ContainerPath = Annotated[
-    str, Meta(pattern=rf"^/((?!\.\.?(/|$))[^/{_BREAKS}{_MOUNT_SYNTAX}]+/?)*\Z", max_length=1024)]
+# One way to match each path: `([^/]+/?)*` split a run of N characters 2^N ways, and a bad
+# character at the end of 40 tried them all (a request stalled the server for hours).
+_SEGMENT = rf"(?!\.\.?(/|\Z))[^/{_BREAKS}{_MOUNT_SYNTAX}]+"
+LocalPath = Annotated[str, Meta(pattern=rf"^/local(/{_SEGMENT})*/?\Z", max_length=1024)]
+ContainerPath = Annotated[str, Meta(pattern=rf"^/({_SEGMENT}(/{_SEGMENT})*/?)?\Z", max_length=1024)]
 # Workload memory limit: 4Mi up to 9999999Mi, or 1Gi up to 9999Gi (binary units, as Kubernetes writes them).
 MemoryLimit = Annotated[str, Meta(pattern=r"^(([4-9]|[1-9][0-9]{1,6})Mi|[1-9][0-9]{0,3}Gi)\Z")]
 Cpus = Annotated[float, Meta(ge=0.01, le=1024)]
@@ -114,7 +117,8 @@ class Updates(_S):
     metadata_base_url: Url | None = None
     targets_base_url: Url | None = None
     seed: Annotated[int, Meta(ge=0, le=2047)] | None = None
-    version_lock: Annotated[str, Meta(pattern=r"^(latest|v?\d+\.\d+\.\d+)\Z")] | None = None
+    # Version.parse's grammar (kiln.host.update.manifest): ASCII digits, at most 9 a part.
+    version_lock: Annotated[str, Meta(pattern=r"^(latest|v?[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9})\Z")] | None = None
     ignore_waves: bool | None = None
     # The update daemon (kiln-updater.service): manual = nothing automatic.
     strategy: Literal["manual", "immediate", "fleet-lock"] | None = None

@@ -29,7 +29,9 @@ from typing import Any
 from kiln.host.update import waves as wavemath
 
 IMAGE_KEYS = ("boot", "root", "hash")
-_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)", re.ASCII)  # whole text: fullmatch
+# Whole text (fullmatch). At most 9 digits a part: int() refuses more than 4300 (a 500 once),
+# and settings.updates.version-lock (kiln.host.settings.model) takes the same grammar.
+_VERSION = re.compile(r"v?([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})")
 _MIGRATION_KEY = re.compile(r"\(\s*(v?\d+\.\d+\.\d+)\s*,\s*(v?\d+\.\d+\.\d+)\s*\)", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
