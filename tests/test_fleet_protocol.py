@@ -5,9 +5,13 @@ Every test uses its own group, so they share one 3-member cluster (the `etcd` fi
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +22,8 @@ import pytest
 from kiln.fleet.config import FleetConfig, GroupConfig
 from kiln.fleet.etcd import Etcd
 from kiln.fleet.locks import FleetLocks, key
-from kiln.fleet.server import KINDS
+from kiln.fleet.server import KINDS, FleetLockService, FleetServer
+from kiln.host.api.limits import Budget
 from tests.etcd_cluster import EtcdCluster
 from tests.fleet_helpers import fleet_server_thread
 
@@ -405,3 +410,52 @@ def test_etcd_over_tls_with_client_certificates(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- a server facing many hosts: what one client can make it hold -------------------------------
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+
+
+def test_request_heads_are_capped(server: str) -> None:
+    port = int(server.rsplit(":", 1)[1])
+    fat = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 4000) for i in range(8))
+    answer = _raw(port, b"POST /v1/pre-reboot HTTP/1.1\r\nHost: x\r\n" + fat + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["kind"] == "request_too_large"
+    assert call(server, "GET", "/v1/status")[0] == 200
+
+
+def test_connections_beyond_the_cap_are_closed_on_arrival(etcd: EtcdCluster) -> None:
+    locks = FleetLocks(Etcd(etcd.endpoints), FleetConfig())
+    srv = FleetServer(("127.0.0.1", 0), FleetLockService(locks))
+    srv._slots = Budget(2)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    port = srv.server_address[1]
+    try:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            for s in held:  # each served once and kept open (HTTP/1.1 keep-alive)
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert _raw(port, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n") == b"", "a third is closed unanswered"
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 10
+        while not _raw(port, b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
+            assert time.monotonic() < deadline, "the slots never came back"
+            time.sleep(0.1)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -37,6 +37,7 @@ from kiln.fleet.etcd import EtcdUnavailable
 from kiln.fleet.hosts import FleetHosts, HostReport, TooManyHosts
 from kiln.fleet.locks import Contended, FleetLocks
 from kiln.fleet.release import ReleaseSource
+from kiln.host.api.limits import Budget, HeadLimited
 
 log = logging.getLogger("kiln.fleet")
 
@@ -263,7 +264,7 @@ class FleetLockService:
 
 
 def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(HeadLimited):
         server_version = "kiln-fleet"
         sys_version = ""
         protocol_version = "HTTP/1.1"
@@ -283,6 +284,12 @@ def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
 
         def _json(self, status: int, doc: dict[str, Any], allow: str | None = None) -> None:
             self._send(status, "application/json", json.dumps(doc).encode() + b"\n", allow)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The stdlib's refusals (a broken request line, a head over its cap) as FleetLock errors."""
+            self.close_connection = True
+            kind = "request_too_large" if code in (414, 431) else "failed_decoding_request"
+            self._json(400 if code == 505 else code, {"kind": kind, "value": explain or message or str(code)})
 
         def do_POST(self) -> None:
             if self.path not in POST_PATHS:
@@ -331,6 +338,9 @@ def make_handler(service: FleetLockService) -> type[BaseHTTPRequestHandler]:
 class FleetServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
+    # Connections served at once (a thread each); more are closed on arrival. A fleet's hosts
+    # ask once per check interval, so even 100,000 of them stay far below this.
+    max_connections = 512
     HANDSHAKE_TIMEOUT = 10.0
 
     def __init__(self, address: tuple[str, int], service: FleetLockService,
@@ -340,8 +350,27 @@ class FleetServer(ThreadingHTTPServer):
 
             self.address_family = socket.AF_INET6
         super().__init__(address, make_handler(service))
+        self._slots = Budget(self.max_connections)
         self.service = service
         self.tls = tls
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.take():
+            log.warning("fleet: %d connections already open: closing one from %s", self.max_connections,
+                        client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.give()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.give()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """With TLS, the handshake happens here, in the connection's own thread (a slow

@@ -18,6 +18,8 @@ from __future__ import annotations
 import http.client
 import io
 import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 MAX_HEAD = 16 << 10
@@ -91,3 +93,21 @@ class HeadReader:
 
     def __getattr__(self, name: str) -> Any:  # close, closed, fileno, ...: the real reader's
         return getattr(self.raw, name)
+
+
+class HeadLimited(BaseHTTPRequestHandler):
+    """A request handler whose request line and headers together draw on MAX_HEAD bytes
+    (431 past it), for every server facing clients it does not control."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = HeadReader(self.rfile)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        reader: HeadReader = self.rfile  # type: ignore[assignment]
+        reader.reset()
+        self.command, self.requestline = None, ""  # type: ignore[assignment]
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong as e:  # the request line alone used up the budget
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(e))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import http.client
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +43,7 @@ CLIENT_TIMEOUT = 30.0
 HANDSHAKE_DEADLINE = 5.0
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(limits.HeadLimited):
     protocol_version = "HTTP/1.1"
     timeout = CLIENT_TIMEOUT
     server: _ServerMixin  # type: ignore[assignment]
@@ -58,19 +56,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = limits.HeadReader(self.rfile)  # type: ignore[assignment]
-
-    def handle_one_request(self) -> None:
-        reader: limits.HeadReader = self.rfile  # type: ignore[assignment]
-        reader.reset()
-        self.command, self.requestline = None, ""  # type: ignore[assignment]
-        try:
-            super().handle_one_request()
-        except http.client.LineTooLong as e:  # the request line alone used up the budget
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(e))
 
     def parse_request(self) -> bool:
         ok = super().parse_request()
