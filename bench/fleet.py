@@ -161,6 +161,8 @@ url = "http://10.0.2.2:{fleet}"
 group = "bench-vm"
 """
 IDLE_SECONDS = 60
+IDLE_INTERVAL = "1h"  # the default: the idle window holds no check
+ROLLOUT_INTERVAL = "20s"  # then checks come often, for the rollout
 DAEMON_PID = "systemctl show -p MainPID --value kiln-updater.service"
 
 
@@ -198,13 +200,14 @@ def guest(server: ServerProcess, tmp: Path) -> dict[str, Any]:
     repo = tmp / "repo"
     shutil.copytree(bench_repo, repo)
     repo_port = free_port()
-    out: dict[str, Any] = {"builds_reused": info.get("reused")}
+    out: dict[str, Any] = {"builds_reused": info.get("reused"), "idle_check_interval": IDLE_INTERVAL,
+                           "rollout_check_interval": ROLLOUT_INTERVAL}
     vms = []
     with RepoServer(repo, port=repo_port):
         try:
             for i in range(2):
                 ud = tmp / f"ud{i}.toml"
-                ud.write_text(GUEST_UD.format(repo=repo_port, fleet=server.port, interval="1h"))
+                ud.write_text(GUEST_UD.format(repo=repo_port, fleet=server.port, interval=IDLE_INTERVAL))
                 disk = tmp / f"disk{i}.img"
                 subprocess.run(["cp", "--sparse=always", rel1.disk, disk], check=True)
                 log = B.CACHE / "logs" / f"fleet-guest{i}.txt"
@@ -217,10 +220,10 @@ def guest(server: ServerProcess, tmp: Path) -> dict[str, Any]:
                 vm.wait_ready(U.BOOT_TIMEOUT)
                 vm.wait_for(r"kiln-updater: id", 120)
                 vm.wait_shell()
-            B.log(f"guest: the idle daemon's CPU over {IDLE_SECONDS} s (check-interval 1h), and its memory")
+            B.log(f"guest: the idle daemon's CPU over {IDLE_SECONDS} s (check-interval {IDLE_INTERVAL}), its memory")
             out["idle"] = [daemon_cost(vm) for vm in vms]
             for vm in vms:  # now check often, for the rollout
-                vm.check("kiln settings set updates.check-interval=20s", timeout=120)
+                vm.check(f"kiln settings set updates.check-interval={ROLLOUT_INTERVAL}", timeout=120)
             published = time.monotonic()
             publish.add(repo, rel2.artifacts, waves="none")
             B.log("guest: 2.0.0 published; waiting for both hosts")

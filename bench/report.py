@@ -676,18 +676,24 @@ def fleet_section(runs: list[Run]) -> dict[str, str]:
     agents = med(dig(r, "result", "agents") for r in runs)
     seconds = med(dig(r, "result", "seconds") for r in runs)
     g = [r for r in runs if dig(r, "result", "guest")]
-    guest_rows = []
+    guest_rows: list[list[str]] = []
+    header = [""]
     if g:
-        last = dig(g[-1], "result", "guest")
-        idle = last.get("idle") or []
-        tl = last.get("timeline_s") or []
+        cols = []  # (run number, guest number, run's guest record)
+        for r in g:
+            for i in range(len(dig(r, "result", "guest", "idle") or [])):
+                cols.append((runs.index(r) + 1, i, dig(r, "result", "guest")))
+        header += [f"run {n}, guest {i}" for n, i, _ in cols]
         guest_rows = [
-            ["daemon CPU over its idle window", *(f"{sec(i.get('cpu_s'))} ({pct(i.get('cpu_percent'), 1)})"
-                                                  for i in idle)],
-            ["daemon VmRSS / VmHWM", *(f"{mib((i.get('rss_kib') or 0) * 1024)} / {mib((i.get('hwm_kib') or 0) * 1024)}"
-                                      for i in idle)],
-            ["ready on 2.0.0, from publishing", *(sec(t.get("ready on 2.0.0"), 1) for t in tl)],
-            ["reboot slot given back, from publishing", *(sec(t.get("slot given back"), 1) for t in tl)],
+            ["check interval while idle", *(str(x.get("idle_check_interval") or "not recorded") for _, _, x in cols)],
+            ["daemon CPU over its idle window", *(f"{sec(dig(x, 'idle', i, 'cpu_s'))} "
+                                                  f"({pct(dig(x, 'idle', i, 'cpu_percent'), 1)})" for _, i, x in cols)],
+            ["daemon VmRSS / VmHWM", *(f"{mib((dig(x, 'idle', i, 'rss_kib') or 0) * 1024)} / "
+                                      f"{mib((dig(x, 'idle', i, 'hwm_kib') or 0) * 1024)}" for _, i, x in cols)],
+            ["ready on 2.0.0, from publishing", *(sec(dig(x, "timeline_s", i, "ready on 2.0.0"), 1)
+                                                  for _, i, x in cols)],
+            ["reboot slot given back, from publishing", *(sec(dig(x, "timeline_s", i, "slot given back"), 1)
+                                                          for _, i, x in cols)],
         ]
     return {
         "provenance": provenance(runs),
@@ -697,8 +703,7 @@ def fleet_section(runs: list[Run]) -> dict[str, str]:
         "p50_vs_txn": num(med(dig(r, "result", "ratios", "p50_vs_txn") for r in runs)),
         "throughput_vs_txn": num(med(dig(r, "result", "ratios", "throughput_vs_txn") for r in runs)),
         "guest_provenance": provenance(g, "with `--guest`"),
-        "guest_table": table(["", *(f"guest {i}" for i in range(len(guest_rows[0]) - 1))], guest_rows)
-        if guest_rows else "(no guest run recorded)",
+        "guest_table": table(header, guest_rows) if guest_rows else "(no guest run recorded)",
         "runs": runs_table(runs, [
             ("kiln uncontended p50 / throughput", lambda r: (
                 f"{msec(dig(r, 'result', 'kiln_uncontended', 'p50_ms'), 0)} / "
