@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 _ADDRESS_HELP = "an IP address or DNS name clients reach the node by (repeatable)"
 
@@ -83,25 +84,23 @@ def cmd_issue_client(args: argparse.Namespace) -> int:
     from kiln import pki
 
     cert = pki.issue_client(args.dir, args.name, args.role, days=args.days)
-    if args.json:
-        print(json.dumps(cert.to_json(), indent=2))
-        return 0
-    _print_written((cert.cert, cert.key))
-    print(f"client {cert.common_name}: role {cert.role}, serial {cert.to_json()['serial']}, "
-          f"valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
-    return 0
+    return _issued(args, cert, f"client {cert.common_name}: role {cert.role}")
 
 
 def cmd_issue_node(args: argparse.Namespace) -> int:
     from kiln import pki
 
     cert = pki.issue_node(args.dir, args.name, args.address, days=args.days)
+    return _issued(args, cert, f"node {cert.common_name}: names {', '.join(cert.sans)}")
+
+
+def _issued(args: argparse.Namespace, cert: Any, what: str) -> int:
+    """A certificate just issued: as JSON, or the files written and one line about it."""
     if args.json:
         print(json.dumps(cert.to_json(), indent=2))
         return 0
     _print_written((cert.cert, cert.key))
-    print(f"node {cert.common_name}: names {', '.join(cert.sans)}, serial {cert.to_json()['serial']}, "
-          f"valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"{what}, serial {cert.to_json()['serial']}, valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
     return 0
 
 
