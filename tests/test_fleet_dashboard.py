@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,20 +18,14 @@ from kiln.fleet.etcd import Etcd
 from kiln.fleet.hosts import FleetHosts
 from kiln.fleet.locks import FleetLocks
 from kiln.fleet.release import ReleaseSource
-from kiln.host.update.daemon import Updater
 from kiln.host.update.fleetlock import FleetLockClient
 from tests.chromium import Page, chromium
 from tests.etcd_cluster import EtcdCluster
-from tests.fleet_helpers import SimHost, fleet_server_thread
+from tests.fleet_helpers import SimHost, fleet_server_thread, updater
 from tests.test_fleet_view import manifest_doc
 
 pytestmark = pytest.mark.timeout(300)
 ARTIFACTS = Path(os.environ.get("KILN_TEST_ARTIFACTS", Path(__file__).parent.parent / "build" / "test-artifacts"))
-
-
-def daemon(host: SimHost, state: Path, node: str, url: str) -> Updater:
-    return Updater(host, state, node, rng=random.Random(node),
-                   client_factory=lambda p, n: FleetLockClient(url, n, p.group, timeout=10))
 
 
 @pytest.fixture
@@ -52,13 +45,13 @@ def rollout(etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                 node = f"node-{group}-{i}"
                 host = SimHost(updates={"strategy": "fleet-lock", "check-interval": "1h",
                                         "fleet-lock": {"url": url, "group": group}})
-                u = daemon(host, tmp_path / f"{node}.json", node, url)
+                u = updater(host, tmp_path / f"{node}.json", node, url, timeout=10)
                 u.start()
                 u.step()  # check, ask for a slot; the first ones reboot
                 if group == "db" and i == 0:  # back on 1.0.0: 2.0.0 failed its gate here
                     host.healthy = False
                     host.boot_new()
-                    u = daemon(host, tmp_path / f"{node}.json", node, url)
+                    u = updater(host, tmp_path / f"{node}.json", node, url, timeout=10)
                     u.start()
                     u.step()  # keeps the slot and tells the server why
         hosts.record_history(timedelta(0))
