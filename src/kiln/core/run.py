@@ -61,6 +61,9 @@ TOOL_PACKAGES: dict[str, str] = {
     "etcd": "etcd-server",
     "etcdctl": "etcd-client",
     "python3": "python3-minimal",
+    "sbsign": "sbsigntool",
+    "sbverify": "sbsigntool",
+    "faketime": "faketime",
 }
 
 # When set (by the test suite), every program resolved or started here is appended to
