@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kiln import __version__
-from kiln.cli import build_cmd, fleet_cmd, oci_cmd, pki_cmd, repo_cmd, run_cmd
+from kiln.cli import build_cmd, fleet_cmd, keys_cmd, oci_cmd, pki_cmd, repo_cmd, run_cmd
 from kiln.core.errors import KilnError
 from kiln.host import cli as host_cli
 from kiln.host.api.client import Client
@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     build_cmd.register(sub)
     run_cmd.register(sub)
     pki_cmd.register(sub)
+    keys_cmd.register(sub)
     repo_cmd.register(sub)
     oci_cmd.register(sub)
     fleet_cmd.register(sub)

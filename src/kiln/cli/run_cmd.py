@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the ready line")
     p.add_argument("--json", action="store_true",
                    help="with --headless: print one JSON object per boot")
+    p.add_argument("--secure-boot", action="store_true",
+                   help="UEFI Secure Boot firmware (SMM) with the image's enrolled keys: "
+                        "secureboot-vars.fd beside the image (made by `kiln build --keys`), or --efi-vars")
+    p.add_argument("--efi-vars", type=Path, metavar="FILE",
+                   help="with --secure-boot: the OVMF variables file to boot with (a copy; FILE is never written)")
     p.set_defaults(func=run)
 
 
@@ -50,15 +55,34 @@ def _image(path: Path) -> Path:
     return path
 
 
+def secure_boot_vars(image: Path, secure_boot: bool, efi_vars: Path | None) -> Path | None:
+    """The variables file `--secure-boot` boots with: --efi-vars, else the one the build
+    wrote beside the image; None without --secure-boot."""
+    from kiln.secureboot.varstore import VARS_NAME
+
+    if not secure_boot:
+        if efi_vars is not None:
+            raise KilnError("--efi-vars needs --secure-boot")
+        return None
+    found = efi_vars if efi_vars is not None else image.parent / VARS_NAME
+    if not found.is_file():
+        raise KilnError(f"no Secure Boot variables file at {found}",
+                        hint="build the image with 'kiln build --keys DIR' (it writes "
+                             f"{VARS_NAME} beside disk.img), or pass --efi-vars FILE")
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from kiln.vm.qemu import Vm, VmConfig, parse_forwards
 
     image = _image(args.image)
+    sb_vars = secure_boot_vars(image, args.secure_boot, args.efi_vars)
     with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
         cfg = VmConfig(image, Path(tmp), memory_mib=args.memory, cpus=args.cpus,
                        forwards=parse_forwards(args.forward), accel=args.accel,
                        disk_size=args.disk_size * 2**20 if args.disk_size else None, user_data=args.user_data,
-                       cold_reboot=args.headless)  # headless: a guest reboot (an update) is a fresh QEMU
+                       cold_reboot=args.headless,  # headless: a guest reboot (an update) is a fresh QEMU
+                       secure_boot_vars=sb_vars)
         if not args.headless:
             vm = Vm(cfg, interactive=True).start()
             print("kiln: booting (Ctrl-A X quits QEMU)", file=sys.stderr)

@@ -27,6 +27,9 @@ from kiln.core.run import run, which
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot: the same 4 MiB layout, built with SMM so that only firmware code in system
+# management mode may write the variables (the guest OS cannot rewrite db or turn it off).
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 READY_RE = re.compile(r"kiln: ready version=(\S+) variant=(\S+) slot=([AB])")
 POWER_DOWN = "reboot: Power down"  # the guest kernel's last line before an ACPI power-off (KERN_EMERG)
 HOST_SIGNAL = "qemu-system-x86_64: terminating on signal"  # QEMU's stderr (merged): SIGTERM/SIGINT exit 0
@@ -137,6 +140,9 @@ class VmConfig:
     # variables (-no-reboot): QEMU 7.2 under TCG sometimes hangs for good in a warm reset
     # (seen in the VM tests), and a cold start reaches GRUB faster anyway.
     cold_reboot: bool = False
+    # An OVMF variables file with keys enrolled (kiln.secureboot.varstore): boot the Secure
+    # Boot firmware with SMM on a copy of it. None: plain OVMF on a copy of the empty store.
+    secure_boot_vars: Path | None = None
 
     def argv(self, disk: Path, vars_fd: Path, interactive: bool = False) -> list[str]:
         accel = self.accel
@@ -146,14 +152,17 @@ class VmConfig:
         net = "user,model=virtio-net-pci" + "".join(
             f",hostfwd=tcp:127.0.0.1:{f.host_port}-:{f.guest_port}" for f in self.forwards
         )
+        sb = self.secure_boot_vars is not None
         return [
             which("qemu-system-x86_64"),
-            "-machine", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            "-machine", "q35,smm=on" if sb else "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-m", str(self.memory_mib), "-smp", str(self.cpus),
             "-nographic", "-no-user-config", "-nodefaults",
             "-serial", "mon:stdio" if interactive else "stdio", "-monitor", "none",
             "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            # The variable flash becomes writable only from SMM: without it the guest OS could rewrite db.
+            *(["-global", "driver=cfi.pflash01,property=secure,value=on"] if sb else []),
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECBOOT if sb else OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
             "-drive", f"if=virtio,format={fmt},file={disk},cache=unsafe" if self.overlay
             else f"if=virtio,format={fmt},file={disk}",
@@ -199,15 +208,19 @@ class Vm:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Vm:
-        if not OVMF_CODE.is_file():
-            raise KilnError(f"UEFI firmware {OVMF_CODE} is missing", hint="apt-get install ovmf")
+        code = OVMF_CODE if self.cfg.secure_boot_vars is None else OVMF_CODE_SECBOOT
+        if not code.is_file():
+            raise KilnError(f"UEFI firmware {code} is missing", hint="apt-get install ovmf")
+        if self.cfg.secure_boot_vars is not None and not self.cfg.secure_boot_vars.is_file():
+            raise KilnError(f"Secure Boot variables {self.cfg.secure_boot_vars} do not exist",
+                            hint="build the image with 'kiln build --keys DIR'")
         if not self.cfg.image.is_file():
             raise KilnError(f"disk image {self.cfg.image} does not exist")
         if self.interactive and self.cfg.cold_reboot:  # the relaunch needs the console's end-of-file
             raise KilnError("cold_reboot needs a VM whose console Kiln reads (not an interactive one)")
         self.cfg.workdir.mkdir(parents=True, exist_ok=True)
-        vars_fd = self.cfg.workdir / "OVMF_VARS.fd"
-        shutil.copy(OVMF_VARS, vars_fd)
+        vars_fd = self.cfg.workdir / "OVMF_VARS.fd"  # the firmware writes here; never the original
+        shutil.copy(self.cfg.secure_boot_vars or OVMF_VARS, vars_fd)
         disk = self.cfg.image
         if self.cfg.overlay:
             disk = self.cfg.workdir / "overlay.qcow2"
