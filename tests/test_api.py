@@ -36,6 +36,7 @@ from kiln.host.api.server import LocalServer
 from kiln.host.boot import storewolf
 from kiln.host.datastore import Datastore
 from kiln.host.render.templates import Templates
+from kiln.host.secureboot import SecureBootStatus
 from kiln.host.settings.keys import get_path, parse_key, set_path
 from tests.openapi_schema import validator
 from tests.test_settings_model import VALID as VALID_SETTINGS
@@ -116,6 +117,11 @@ def variant_defaults() -> dict[str, Any]:
     return merge_defaults((DEFAULTS,))
 
 
+# What GET /os reports of the boot chain in these tests (tests/test_secureboot_status.py reads real trees).
+BOOT_CHAIN = SecureBootStatus(uefi=True, enabled=True, setup_mode=False, boot_files_verified=True,
+                              lockdown="integrity", root_verified=True)
+
+
 @contextlib.contextmanager
 def running_api(
     base: Path,
@@ -141,6 +147,7 @@ def running_api(
         os_release_path=base / "os-release",
         reboot=lambda: reboots.append("reboot"),
         restart=restart,
+        secure_boot=lambda: BOOT_CHAIN,
     )
     sock = base / "api.sock"
     server = LocalServer(api, sock)
@@ -629,9 +636,13 @@ def test_apply_runs_restart_commands_and_reports_failures(tmp_path: Path) -> Non
 
 
 def test_os(call: Caller) -> None:
+    chain = {"uefi": True, "enabled": True, "setup_mode": False, "boot_files_verified": True,
+             "lockdown": "integrity", "root_verified": True}
     assert call.ok("GET", "/os") == {"name": "Kiln", "id": "kiln", "version_id": "1.0.0",
-                                     "variant_id": "container-host", "pretty_name": "Kiln 1.0.0"}
+                                     "variant_id": "container-host", "pretty_name": "Kiln 1.0.0",
+                                     "secure_boot": chain}
     assert call.ok("GET", "/os?prefix=v") == {"version_id": "1.0.0", "variant_id": "container-host"}
+    assert call.ok("GET", "/os?prefix=secure") == {"secure_boot": chain}
     assert call.ok("GET", "/os?prefix=nothing") == {}
 
 

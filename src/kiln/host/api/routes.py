@@ -25,6 +25,8 @@ from kiln.host.datastore import DEFAULT_TX, Datastore, DatastoreError
 from kiln.host.osinfo import os_release
 from kiln.host.render.cache import RenderCache
 from kiln.host.render.templates import Templates
+from kiln.host.secureboot import SecureBootStatus
+from kiln.host.secureboot import status as secure_boot_status
 from kiln.host.settings.errors import InvalidSettings
 from kiln.host.settings.keys import Tree, flatten, format_key, select, set_path, unflatten
 
@@ -121,6 +123,7 @@ class Api:
         cache: RenderCache | None = None,
         updates: Callable[[], UpdateControl] | None = None,
         containers_state: Path = Path("/run/kiln/containers"),
+        secure_boot: Callable[[], SecureBootStatus] = secure_boot_status,
     ) -> None:
         self.store = store
         self.templates = templates or Templates()
@@ -136,6 +139,7 @@ class Api:
         # settings); None where updates are not available.
         self.update_factory = updates
         self.containers_state = containers_state  # the container manager's status files
+        self.secure_boot = secure_boot  # this boot's verified chain, read per request (a few sysfs files)
         self._update_control: UpdateControl | None = None
 
     def handle(self, req: Request) -> Response:
@@ -356,7 +360,8 @@ def commit_and_apply(api: Api, req: Request) -> Response:
 
 @route("GET", "/os")
 def get_os(api: Api, req: Request) -> Response:
-    info = os_release(api.os_release_path)
+    info: dict[str, Any] = dict(os_release(api.os_release_path))
+    info["secure_boot"] = api.secure_boot().to_json()
     prefix = req.arg("prefix") or ""
     return Response(200, {k: v for k, v in info.items() if k.startswith(prefix)})
 

@@ -6,12 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from kiln.host.secureboot import SecureBootStatus, status
 from kiln.host.slot.state import TRANSITIONS, SlotState
 
 
-def _print_status(st: SlotState, as_json: bool) -> None:
+def _print_status(st: SlotState, as_json: bool, boot: SecureBootStatus | None = None) -> None:
+    """Both slots; with `boot` (this host, not a disk image), what its boot chain verified."""
     if as_json:
-        print(json.dumps(st.to_json(), indent=2))
+        doc = st.to_json()
+        if boot is not None:
+            doc["secure_boot"] = boot.to_json()
+        print(json.dumps(doc, indent=2))
         return
     for s in ("A", "B"):
         f = st.flags(s)
@@ -20,6 +25,8 @@ def _print_status(st: SlotState, as_json: bool) -> None:
               f"successful={str(f.successful).lower()} will_boot={str(f.will_boot).lower()}")
     print(f"Active: {st.active or 'unknown'}")
     print(f"Next boot: {st.next_boot or 'none (no bootable slot)'}")
+    if boot is not None:
+        print(boot.summary())
 
 
 def cmd_slot(args: argparse.Namespace) -> int:
@@ -27,7 +34,7 @@ def cmd_slot(args: argparse.Namespace) -> int:
 
     slots = Slots.open(image=args.image, active=args.active)
     if args.slot_command == "status":
-        _print_status(slots.state(), bool(args.json))
+        _print_status(slots.state(), bool(args.json), None if args.image is not None else status())
     elif args.slot_command == "has-boot-ever-succeeded":
         ever = slots.state().ever_succeeded
         print(json.dumps({"ever_succeeded": ever}) if bool(args.json) else str(ever).lower())
