@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.build import tools
 from kiln.core.run import run
@@ -18,7 +19,11 @@ from kiln.image import grubenv, layout
 from kiln.image.verity import VerityResult, dm_table
 from kiln.variant import Variant
 
+if TYPE_CHECKING:
+    from kiln.build.signing import BootSigner
+
 GRUB_CFG = Path(__file__).with_name("data") / "grub.cfg"
+GRUB_EARLY_CFG = Path(__file__).with_name("data") / "grub-early.cfg"
 GRUB_MODULES = (
     "part_gpt",
     "fat",
@@ -37,6 +42,9 @@ GRUB_MODULES = (
     "search",
     "true",
 )
+# A signed GRUB checks OpenPGP signatures itself; every module is built in, since with
+# signatures enforced it could load none from disk.
+GRUB_SIGNED_MODULES = ("pgp", "gcry_rsa", "gcry_sha256")
 # Slot A holds the build, marked good; slot B is empty and will not boot.
 INITIAL_ENV = {"A_PRIO": "1", "A_TRIES": "0", "A_OK": "1", "B_PRIO": "0", "B_TRIES": "0", "B_OK": "0"}
 
@@ -69,7 +77,8 @@ def slot_cfg(v: Variant, vres: VerityResult) -> str:
 
 
 def boot_partition(
-    out: Path, v: Variant, vmlinuz: Path, initrd: Path, vres: VerityResult, *, mtime: int, work: Path
+    out: Path, v: Variant, vmlinuz: Path, initrd: Path, vres: VerityResult, *, mtime: int, work: Path,
+    signer: BootSigner | None = None,
 ) -> None:
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "kiln.cfg"
@@ -78,33 +87,37 @@ def boot_partition(
     shutil.copy(vmlinuz, k)
     i = work / "initrd.img"
     shutil.copy(initrd, i)
+    files = {"vmlinuz": k, "initrd.img": i, "kiln.cfg": cfg}
+    if signer:
+        files |= {s.name: s for s in signer.sign_for_grub(k, i, cfg)}
     volid = zlib.crc32(f"boot:{v.name}:{v.version}:{vres.root_hash}".encode())
-    tools.mkfs_fat(
-        out,
-        v.partitions.boot,
-        label="KILN-BOOT",
-        volume_id=volid,
-        files={"vmlinuz": k, "initrd.img": i, "kiln.cfg": cfg},
-        mtime=mtime,
-    )
+    tools.mkfs_fat(out, v.partitions.boot, label="KILN-BOOT", volume_id=volid, files=files, mtime=mtime)
 
 
-def esp_partition(out: Path, size: int, *, mtime: int, work: Path) -> None:
+def grub_efi(out: Path, *, mtime: int, work: Path, signer: BootSigner | None = None) -> None:
+    """GRUB's EFI image. Signed: it embeds the boot key and the configuration that enforces
+    signatures (grub-early.cfg), has no shim_lock verifier (no shim: the firmware checks
+    GRUB against db itself), and is signed for db."""
+    argv: list[str | Path] = ["grub-mkimage", "-O", "x86_64-efi", "-p", "/EFI/BOOT"]
+    if signer is None:
+        run([*argv, "-o", out, *GRUB_MODULES], env={"SOURCE_DATE_EPOCH": str(mtime)})
+        return
+    unsigned = work / "grubx64.unsigned.efi"
+    pub = signer.public_key(work / "boot-key.pub")
+    run([*argv, "-o", unsigned, "--disable-shim-lock", "--pubkey", pub, "--config", GRUB_EARLY_CFG,
+         *GRUB_MODULES, *GRUB_SIGNED_MODULES], env={"SOURCE_DATE_EPOCH": str(mtime)})
+    signer.sign_efi(unsigned, out)
+
+
+def esp_partition(out: Path, size: int, *, mtime: int, work: Path, signer: BootSigner | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     efi = work / "BOOTX64.EFI"
-    run(
-        ["grub-mkimage", "-O", "x86_64-efi", "-o", efi, "-p", "/EFI/BOOT", *GRUB_MODULES],
-        env={"SOURCE_DATE_EPOCH": str(mtime)},
-    )
+    grub_efi(efi, mtime=mtime, work=work, signer=signer)
     cfg = work / "grub.cfg"
     cfg.write_text(grub_cfg())
     env = work / "grubenv"
     env.write_bytes(grubenv.serialize(INITIAL_ENV))
-    tools.mkfs_fat(
-        out,
-        size,
-        label="KILN-EFI",
-        volume_id=0x4B494C4E,
-        files={"EFI/BOOT/BOOTX64.EFI": efi, "EFI/BOOT/grub.cfg": cfg, "EFI/BOOT/grubenv": env},
-        mtime=mtime,
-    )
+    files = {"EFI/BOOT/BOOTX64.EFI": efi, "EFI/BOOT/grub.cfg": cfg, "EFI/BOOT/grubenv": env}
+    if signer:
+        files["EFI/BOOT/grub.cfg.sig"] = signer.sign_for_grub(cfg)[0]
+    tools.mkfs_fat(out, size, label="KILN-EFI", volume_id=0x4B494C4E, files=files, mtime=mtime)

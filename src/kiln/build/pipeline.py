@@ -19,13 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build import apt, bootloader, disk, initramfs, kernel, rootfs, settings, tools, wheels
+from kiln.build.signing import BootSigner
 from kiln.core.errors import KilnError
 from kiln.core.fs import atomic_dir
 from kiln.core.progress import Progress
 from kiln.image import verity
+from kiln.secureboot.keys import KeySet
+from kiln.secureboot.keys import load as load_keys
+from kiln.secureboot.varstore import make_vars
 from kiln.variant import Variant
 
 ARCH = "amd64"
+SECURE_BOOT_VARS = "secureboot-vars.fd"
 NAMESPACE = uuid.UUID("4b494c4e-6275-696c-6400-000000000000")  # for derived, reproducible ids
 
 
@@ -47,6 +52,7 @@ class BuildOptions:
     update_root: Path | None = None  # TUF root to trust (a `kiln repo` directory or root.json)
     update_url: str | None = None  # the repository's base URL (metadata/ and targets/ below it)
     admin_image: str | None = None  # default settings.host-containers.admin.source
+    keys: Path | None = None  # a `kiln keys init` directory: sign the boot chain for Secure Boot
 
 
 @dataclass
@@ -58,11 +64,13 @@ class BuildResult:
     root_hash: str
     sizes: dict[str, int]
     timings: dict[str, float]
+    secure_boot_vars: Path | None = None  # signed builds: OVMF variables with the key set enrolled
 
     def to_json(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
             "disk": str(self.disk),
+            "secure_boot_vars": str(self.secure_boot_vars) if self.secure_boot_vars else None,
             "manifest": str(self.manifest),
             "artifacts": {k: str(v) for k, v in self.artifacts.items()},
             "root_hash": self.root_hash,
@@ -86,7 +94,7 @@ def _digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _build_id(v: Variant, packages: list[apt.Package], opts: BuildOptions) -> str:
+def _build_id(v: Variant, packages: list[apt.Package], opts: BuildOptions, keys: KeySet | None) -> str:
     """Identifies the inputs (package versions, variant file, Kiln version, build flags);
     the disk and partition GUIDs and os-release's BUILD_ID derive from it."""
     from kiln import __version__
@@ -105,6 +113,8 @@ def _build_id(v: Variant, packages: list[apt.Package], opts: BuildOptions) -> st
         ),
         "in_image_code": _digest_files(sorted(rootfs.HOST_SRC.joinpath("host").rglob("*.py"))),
     }
+    if keys:  # only signed builds carry the key (unsigned builds keep their ids)
+        inputs["signing_keys"] = [keys.owner_guid, keys.created, keys.db_crt.read_text()]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -118,6 +128,8 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
         raise KilnError("kiln build must run as root", hint="it unpacks packages with their owners and runs chroot")
     start = time.monotonic()
     extra_defaults = settings.option_defaults(opts.update_url, opts.admin_image)  # bad options fail first
+    keys = load_keys(opts.keys) if opts.keys else None
+    signer = BootSigner(keys, opts.sde) if keys else None
     opts.cache.mkdir(parents=True, exist_ok=True)
     what = f"variant {v.name} ({v.source})"
     work = Path(
@@ -144,7 +156,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             if opts.update_root:
                 settings.install_update_root(root, opts.update_root)
             rootfs.configure_systemd(root, v, opts.debug_console)
-            build_id = _build_id(v, pkgs + kpkgs, opts)
+            build_id = _build_id(v, pkgs + kpkgs, opts, keys)
             osr = rootfs.OsRelease(v.version, v.name, build_id, opts.debug_console)
             rootfs.finish(root, v, osr, pkgs + kpkgs)
             tree_bytes = rootfs.tree_size(root)
@@ -172,15 +184,18 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
             initramfs.build(istage, krn, mods, initrd, opts.sde)
         with progress.step("boot", "GRUB, ESP and BOOT partitions"):
             boot_img = images / "boot.img"
-            bootloader.boot_partition(boot_img, v, krn.vmlinuz, initrd, vres, mtime=opts.sde, work=work / "boot-files")
+            bootloader.boot_partition(
+                boot_img, v, krn.vmlinuz, initrd, vres, mtime=opts.sde, work=work / "boot-files", signer=signer)
             esp_img = images / "esp.img"
-            bootloader.esp_partition(esp_img, v.partitions.efi, mtime=opts.sde, work=work / "esp-files")
+            bootloader.esp_partition(esp_img, v.partitions.efi, mtime=opts.sde, work=work / "esp-files", signer=signer)
         with atomic_dir(opts.output) as out:
             with progress.step("disk", "GPT A/B image"):
                 disk_path = out / "disk.img"
                 disk.assemble(
                     disk_path, v, build_id, {"efi": esp_img, "boot": boot_img, "root": root_img, "hash": hash_img}
                 )
+            if keys:  # public certificates only: what a VM platform enrolls (EC2's --uefi-data)
+                make_vars(keys, out / SECURE_BOOT_VARS)
             with progress.step("artifacts", "compressed update images"):
                 manifest = write_artifacts(
                     out / "artifacts",
@@ -209,6 +224,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
                 root_hash=vres.root_hash,
                 sizes=sizes,
                 timings=dict(progress.timings),
+                secure_boot_vars=opts.output / SECURE_BOOT_VARS if keys else None,
             )
             (out / "build.json").write_text(json.dumps({**result.to_json(), "timings": None}, indent=2) + "\n")
         return result

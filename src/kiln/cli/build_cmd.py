@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="image reference of the admin host container (default settings.host-containers.admin.source;"
         " build it with `kiln oci build variants/containers/admin.toml`)",
     )
+    p.add_argument(
+        "--keys", type=Path, metavar="DIR",
+        help="sign the boot chain for Secure Boot with this key set (`kiln keys init DIR`); also writes"
+        " secureboot-vars.fd, firmware variables with the keys enrolled (`kiln run --secure-boot`)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every output path")
     p.set_defaults(func=run)
 
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         progress.quiet = False
     opts = BuildOptions(
         variant, output, debug_console=args.debug_console, update_root=args.update_repo,
-        update_url=args.update_url, admin_image=args.admin_image,
+        update_url=args.update_url, admin_image=args.admin_image, keys=args.keys,
     )
     result = build(opts, progress)
     if args.json:
@@ -58,4 +63,6 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, ("output", "size")), file=sys.stderr)
     print(table([(k, f"{v:.1f} s") for k, v in result.timings.items()], ("step", "time")), file=sys.stderr)
     print(f"disk image: {result.disk}\nartifacts:  {result.manifest.parent}\nroot hash:  {result.root_hash}")
+    if result.secure_boot_vars:
+        print(f"signed for Secure Boot; firmware variables: {result.secure_boot_vars}")
     return 0
