@@ -195,6 +195,34 @@ def test_a_note_from_another_slot_is_not_the_reason(disk: Path, paths: Paths) ->
     assert not (paths.state / "pending-failure.json").exists()
 
 
+@pytest.mark.parametrize("b", [Flags(2, 0, True), Flags(2, 0, False)], ids=["good", "update-target"])
+def test_a_slot_grub_skipped_is_reported_as_definite_and_cleared(disk: Path, paths: Paths, b: Flags,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """grub.cfg could not load B's kiln.cfg, kernel or initramfs (missing, or refused by the
+    signature check) and booted A with kiln.skipped=B: a definite failure, even of a slot
+    once marked good, and B is cleared so the next boot does not try it again."""
+    write_versions(paths, {"A": "1.0.0", "B": "1.1.0"})
+    slots = put(disk, GOOD, b, "A")
+    ready.report_fallback(slots, slots.state(), paths, "1.0.0", skipped="B")
+    [entry] = failures.read(paths.failures)
+    assert (entry["kind"], entry["reason"], entry["version"], entry["slot"]) == (
+        failures.DEFINITE, ready.BOOT_FILES, "1.1.0", "B")
+    assert slots.state().b == Flags(0, 0, False) and slots.state().a == GOOD
+    err = capsys.readouterr().err
+    assert ("kiln: slot B (1.1.0) did not boot" if b.successful else "kiln: update to 1.1.0 failed") in err
+    ready.report_fallback(slots, slots.state(), paths, "1.0.0", skipped="B")  # ready runs again: once
+    assert len(failures.read(paths.failures)) == 1
+
+
+def test_skipped_names_only_the_other_slot(disk: Path, paths: Paths) -> None:
+    """kiln.skipped= naming the running slot, or an empty other slot, reports nothing."""
+    slots = put(disk, GOOD, Flags(2, 0, True), "A")
+    ready.report_fallback(slots, slots.state(), paths, "1.0.0", skipped="A")
+    slots = put(disk, GOOD, Flags(0, 0, False), "A")
+    ready.report_fallback(slots, slots.state(), paths, "1.0.0", skipped="B")
+    assert not paths.failures.exists()
+
+
 # --- the gate and the successful mark ---------------------------------------------------------
 
 

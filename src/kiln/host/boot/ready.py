@@ -2,8 +2,9 @@
 
 Runs once kiln-ready.target has finished starting (reached or failed). First it reports
 an update that GRUB fell back from (the other slot was tried and never marked
-successful); then the health gate (kiln.host.boot.health) must pass; only then is the
-slot marked successful. A new version that fails the gate reboots into the previous one.
+successful), or a slot GRUB skipped because its boot files did not load or verify; then
+the health gate (kiln.host.boot.health) must pass; only then is the slot marked
+successful. A new version that fails the gate reboots into the previous one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from kiln.core.errors import KilnError
 from kiln.host.boot import health
 from kiln.host.boot.console import say
 from kiln.host.osinfo import os_release
-from kiln.host.slot import Slots, SlotState, booted_slot
+from kiln.host.slot import Slots, SlotState, booted_slot, skipped_slot
 from kiln.host.update import failures
 from kiln.host.update.status import Paths, write_versions
 
 UNHEALTHY = failures.UNHEALTHY
+BOOT_FILES = "its boot files (kiln.cfg, kernel or initramfs) did not load or verify"
 Wait = Callable[[health.Check], str | None]
 
 
@@ -66,31 +68,38 @@ def rolls_back(st: SlotState) -> bool:
     return not st.flags(st.active or "A").successful and st.flags(st.inactive).will_boot
 
 
-def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str) -> None:
-    """If GRUB fell back from the other slot (tried, never successful), log why, then
-    clear that slot so the report is made once and the broken version cannot boot."""
+def report_fallback(slots: Slots, st: SlotState, paths: Paths, running: str, skipped: str | None = None) -> None:
+    """If GRUB fell back from the other slot (tried, never successful) or skipped it (its
+    boot files did not load: `skipped`, from kiln.skipped=), log why, then clear that slot
+    so the report is made once and the broken version cannot boot."""
     import json
     import time
 
     from kiln.host.update.status import read_versions, write_versions
 
-    if not fell_back(st):
+    other = st.inactive
+    was_skipped = skipped is not None and skipped == other and st.flags(other).priority > 0
+    if not (fell_back(st) or was_skipped):
         return
     pending = paths.state / "pending-failure.json"
     note: dict[str, str] = {}
     with contextlib.suppress(FileNotFoundError, ValueError):
         note = json.loads(pending.read_bytes())
-    reason = note.get("reason") if note.get("slot") == st.inactive else None
-    version = read_versions(paths).get(st.inactive) or (note.get("version") if reason else None) or "unknown"
-    # A note means the new version judged itself (health gate): a definite failure. No
-    # note: it never got that far, which a power cut cannot be told apart from: ambiguous.
-    entry = {"version": version, "slot": st.inactive, "reason": reason or UNHEALTHY,
+    reason = BOOT_FILES if was_skipped else note.get("reason") if note.get("slot") == other else None
+    version = read_versions(paths).get(other) or (note.get("version") if reason else None) or "unknown"
+    # A reason means a definite failure: GRUB refused the files, or the new version judged
+    # itself (health gate). Otherwise it never got that far, which a power cut cannot be
+    # told apart from: ambiguous.
+    entry = {"version": version, "slot": other, "reason": reason or UNHEALTHY,
              "kind": failures.DEFINITE if reason else failures.AMBIGUOUS,
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "running": running}
     failures.record(paths.failures, entry)
-    say(f"kiln: update to {version} failed ({entry['reason']}); rolled back to {running} on slot {slots.active}")
+    if was_skipped and not fell_back(st):
+        say(f"kiln: slot {other} ({version}) did not boot: {reason}; running {running} on slot {slots.active}")
+    else:
+        say(f"kiln: update to {version} failed ({entry['reason']}); rolled back to {running} on slot {slots.active}")
     slots.apply("clear-inactive")
-    write_versions(paths, {st.inactive: None})
+    write_versions(paths, {other: None})
     pending.unlink(missing_ok=True)
 
 
@@ -127,7 +136,8 @@ def gate(slots: Slots, st: SlotState, paths: Paths, version: str, *, settings: d
 
 
 def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any] | None = None,
-            wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot) -> bool:
+            wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot,
+            skipped: str | None = None) -> bool:
     """Everything between the boot and the ready line: repair an unreadable grubenv,
     report a fallback, pass the health gate, mark the slot successful. True when marked."""
     slot = slots.active or "A"
@@ -136,7 +146,7 @@ def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any
     except KilnError as e:  # GRUB fell back to A on an unreadable grubenv; repair it
         st = slots.reset_to_active()
         say(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, the other slot cleared")
-    report_fallback(slots, st, paths, version)
+    report_fallback(slots, st, paths, version, skipped)
     st = slots.state()
     if not gate(slots, st, paths, version, settings=settings, wait=wait, reboot=reboot):
         return False
@@ -152,7 +162,7 @@ def main() -> int:
         return 1
     version = os_release().get("version_id", "?")
     try:
-        if not confirm(Slots.open(active=slot), Paths(), version):
+        if not confirm(Slots.open(active=slot), Paths(), version, skipped=skipped_slot()):
             return 1
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)

@@ -21,11 +21,21 @@ from kiln.image import layout
 __all__ = ["SLOTS", "Flags", "SlotError", "SlotState", "Slots"]
 
 
-def booted_slot(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+def _cmdline_value(name: str, cmdline: Path) -> str | None:
     for arg in cmdline.read_text().split():
-        if arg.startswith("kiln.slot="):
+        if arg.startswith(f"{name}="):
             return arg.split("=", 1)[1]
     return None
+
+
+def booted_slot(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    return _cmdline_value("kiln.slot", cmdline)
+
+
+def skipped_slot(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    """The slot GRUB chose first but could not load (grub.cfg's `kiln.skipped=`): a boot
+    file was missing or, with signatures enforced, did not verify."""
+    return _cmdline_value("kiln.skipped", cmdline)
 
 
 class Slots:
