@@ -71,14 +71,6 @@ class KeySet:
         return self.dir / f"{name}.crt"
 
     @property
-    def pk_crt(self) -> Path:
-        return self.cert("PK")
-
-    @property
-    def kek_crt(self) -> Path:
-        return self.cert("KEK")
-
-    @property
     def db_crt(self) -> Path:
         return self.cert("db")
 
