@@ -11,7 +11,9 @@ the grubenv it leaves (read back by `grub-editenv`) with what the Python model s
 
 Two things change in the script GRUB runs, and only these: stand-in functions for
 `linux` and `initrd` come first (grub-emu has no Linux loader; they print their
-arguments and the kernel file, then `halt`), and each `sleep N` (the pauses for an
+arguments and the kernel file, then `halt`; like the real commands they fail when `cat`
+cannot read the file, which with signatures enforced includes a file that does not
+verify), and each `sleep N` (the pauses for an
 operator to read the console, 30 s and 5 s) calls a function that prints N instead of
 waiting (`sleep` is built into grub-emu, and commands cannot be shadowed). A `reboot`
 is the real one: grub-emu exits.
@@ -38,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from kiln.build import bootloader, disk
+from kiln.build.signing import BootSigner
 from kiln.core.errors import KilnError
 from kiln.core.run import which
 from kiln.host.slot import Slots
@@ -56,8 +59,8 @@ WORKERS = 2  # grub-emu runs in parallel, each on its own copy of the disk
 
 STANDINS = """\
 # tests/test_grub_cfg.py: grub-emu cannot start a kernel; these say what would boot.
-function linux { echo "kiln-test: linux $*"; cat "$1"; echo; }
-function initrd { echo "kiln-test: initrd $*"; cat "$1"; echo; echo "kiln-test: boot"; halt; }
+function linux { echo "kiln-test: linux $*"; if cat "$1"; then echo; else return 1; fi; }
+function initrd { echo "kiln-test: initrd $*"; if cat "$1"; then echo; echo "kiln-test: boot"; halt; fi; return 1; }
 function kiln_test_sleep { echo "kiln-test: sleep $1"; }
 """
 
@@ -85,12 +88,13 @@ class SlotBuild:
     def initrd(self) -> str:
         return f"kiln test initrd {self.version}"
 
-    def linux_args(self, v: Variant, slot: str) -> list[str]:
-        """The `linux` line grub.cfg must give: kiln.cfg's command line, the slot, the table."""
+    def linux_args(self, v: Variant, slot: str, extra: tuple[str, ...] = ()) -> list[str]:
+        """The `linux` line grub.cfg must give: kiln.cfg's command line, the slot, `extra`
+        (kiln.skipped=, the signed GRUB's kiln.bootsig= and lockdown=), the table."""
         part = layout.part_number(layout.part_name("boot", slot))
         cfg = bootloader.slot_cfg(v.with_version(self.version), self.vres)
         values = dict(re.findall(r'^set (KILN_\w+)="([^"]*)"$', cfg, re.M))
-        return [f"(hd0,gpt{part})/vmlinuz", *values["KILN_CMDLINE"].split(), f"kiln.slot={slot}",
+        return [f"(hd0,gpt{part})/vmlinuz", *values["KILN_CMDLINE"].split(), f"kiln.slot={slot}", *extra,
                 values["KILN_VERITY"]]
 
 
@@ -122,20 +126,24 @@ class GrubRun:
 class GrubDisk:
     """A small Kiln disk image (no ROOT/HASH contents: GRUB never reads them) and grub-emu."""
 
-    def __init__(self, path: Path, v: Variant) -> None:
+    def __init__(self, path: Path, v: Variant, prefix: str = "/EFI/BOOT") -> None:
         self.path = path
         self.v = v
+        self.prefix = prefix  # where grub-emu reads its first grub.cfg
         self.devmap = path.with_suffix(".map")
         self.devmap.write_text(f"(hd0) {path}\n")
         self.grubenv = GrubenvStore(Disk.from_image(path)).offset
 
     @classmethod
-    def build(cls, path: Path, work: Path) -> GrubDisk:
+    def build(cls, path: Path, work: Path, signer: BootSigner | None = None) -> GrubDisk:
+        """The disk; with `signer`, signed as `kiln build --keys` signs it, and grub-emu starts
+        where the signed EFI image does: its embedded configuration (grub-early.cfg, with
+        the key `trust`ed, as `--pubkey` does) runs first, from /EMU."""
         v = dataclasses.replace(
             load_variant(), partitions=Partitions(efi=8 * MiB, boot=MiB, root=MiB, hash=MiB, private=MiB, data=MiB))
         work.mkdir(parents=True)
         esp = work / "esp.img"
-        bootloader.esp_partition(esp, v.partitions.efi, mtime=MTIME, work=work / "esp")
+        bootloader.esp_partition(esp, v.partitions.efi, mtime=MTIME, work=work / "esp", signer=signer)
         generated = work / "grub.cfg.generated"
         subprocess.run([which("mcopy"), "-n", "-i", esp, "::/EFI/BOOT/grub.cfg", generated], env=TOOL_ENV,
                        check=True)
@@ -143,21 +151,36 @@ class GrubDisk:
         (work / "grub.cfg").write_text(runnable(generated.read_text()))
         subprocess.run([which("mcopy"), "-o", "-i", esp, work / "grub.cfg", "::/EFI/BOOT/grub.cfg"], env=TOOL_ENV,
                        check=True)
+        if signer:  # the runnable script is what GRUB reads here, so it carries the signature
+            [sig] = signer.sign_for_grub(work / "grub.cfg")
+            early = work / "emu-early.cfg"
+            pause = 'function kiln_test_sleep { echo "kiln-test: sleep $1"; }\n'
+            embedded = re.sub(r"^sleep (\d+)$", r"kiln_test_sleep \1", bootloader.GRUB_EARLY_CFG.read_text(), flags=re.M)
+            early.write_text(f"trust $prefix/boot-key.pub\nset prefix=($root)/EFI/BOOT\n{pause}{embedded}")
+            subprocess.run([which("mmd"), "-i", esp, "::/EMU"], env=TOOL_ENV, check=True)
+            for src, dest in ((sig, "::/EFI/BOOT/grub.cfg.sig"), (early, "::/EMU/grub.cfg"),
+                              (work / "esp" / "boot-key.pub", "::/EMU/boot-key.pub")):
+                subprocess.run([which("mcopy"), "-o", "-i", esp, src, dest], env=TOOL_ENV, check=True)
         boots = {}
         for slot, b in BUILDS.items():
             (work / f"vmlinuz-{slot}").write_text(b.kernel)
             (work / f"initrd-{slot}").write_text(b.initrd)
             boots[slot] = work / f"boot-{slot}.img"
             bootloader.boot_partition(boots[slot], v.with_version(b.version), work / f"vmlinuz-{slot}",
-                                      work / f"initrd-{slot}", b.vres, mtime=MTIME, work=work / f"boot-{slot}")
+                                      work / f"initrd-{slot}", b.vres, mtime=MTIME, work=work / f"boot-{slot}",
+                                      signer=signer)
         disk.assemble(path, v, "grub-test", {"efi": esp, "boot": boots["A"]})
         # Slot B's BOOT goes in as an update writes it (the initial grubenv has B cleared).
         Slots.open(image=path, active="A").write_image("B", "boot", [boots["B"].read_bytes()])
-        return cls(path, v)
+        return cls(path, v, "/EMU" if signer else "/EFI/BOOT")
 
     def copy(self, dest: Path) -> GrubDisk:
         subprocess.run(["cp", "--sparse=always", self.path, dest], check=True)
-        return GrubDisk(dest, self.v)
+        return GrubDisk(dest, self.v, self.prefix)
+
+    def mtools(self, key: str, slot: str | None = None) -> str:
+        """The mtools image spec (`-i`) of one FAT partition of this disk."""
+        return f"{self.path}@@{Disk.from_image(self.path).region(layout.part_name(key, slot)).offset}"
 
     def write_env(self, block: bytes) -> None:
         assert len(block) == 1024
@@ -173,7 +196,7 @@ class GrubDisk:
     def boot(self, block: bytes) -> GrubRun:
         """Write `block` as the grubenv, power on, and watch GRUB until it exits."""
         self.write_env(block)
-        argv: list[str | Path] = [which("grub-emu"), "-m", self.devmap, "-r", "hd0,gpt1", "-d", "/EFI/BOOT"]
+        argv: list[str | Path] = [which("grub-emu"), "-m", self.devmap, "-r", "hd0,gpt1", "-d", self.prefix]
         # A terminal 1000 columns wide: on a pipe GRUB wraps its output at 80.
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 100, 1000, 0, 0))
@@ -213,8 +236,9 @@ def _text(raw: bytes) -> str:
 
 
 def _parse(text: str, before: bytes, after: bytes, hung: bool) -> GrubRun:
-    linux = re.search(r"^kiln-test: linux (.*)\n(.*)$", text, re.M)
-    initrd = re.search(r"^kiln-test: initrd (.*)\n(.*)$", text, re.M)
+    # The last load counts: after a slot that failed to load, grub.cfg tries the other.
+    linux = ([*re.finditer(r"^kiln-test: linux (.*)\n(.*)$", text, re.M)] or [None])[-1]
+    initrd = ([*re.finditer(r"^kiln-test: initrd (.*)\n(.*)$", text, re.M)] or [None])[-1]
     booted = None
     if re.search(r"^kiln-test: boot$", text, re.M):
         assert linux and initrd, text

@@ -31,6 +31,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mmd": "mtools",
+    "mdel": "mtools",
     "mkfs.ext4": "e2fsprogs",
     "grub-mkimage": "grub-common",
     "grub-editenv": "grub-common",
