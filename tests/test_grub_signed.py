@@ -85,8 +85,8 @@ def test_a_signed_disk_boots_with_signatures_enforced(disk: GrubDisk, tmp_path: 
     booted_normally(disk, run, "A")
 
 
-@pytest.mark.parametrize(("a", "b", "slot"), [(GOOD, Flags(2, 1, False), "B"), (Flags(1, 0, True), Flags(2, 0, True),
-                                                                                  "B"), (GOOD, Flags(0, 0, False), "A")])
+@pytest.mark.parametrize(("a", "b", "slot"), [
+    (GOOD, Flags(2, 1, False), "B"), (Flags(1, 0, True), Flags(2, 0, True), "B"), (GOOD, Flags(0, 0, False), "A")])
 def test_the_slot_choice_is_unchanged(disk: GrubDisk, tmp_path: Path, a: Flags, b: Flags, slot: str) -> None:
     st = SlotState(a, b, None)
     run = disk.boot(env_of(tmp_path, a, b))
