@@ -236,10 +236,17 @@ def _text(raw: bytes) -> str:
     return "".join(f"{line}\n" for line in lines if line.strip() and not re.fullmatch(r"\s*\[ .* \]\s*", line))
 
 
+def _last(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
+    found = None
+    for found in matches:  # noqa: B007 (the last one is the point)
+        pass
+    return found
+
+
 def _parse(text: str, before: bytes, after: bytes, hung: bool) -> GrubRun:
     # The last load counts: after a slot that failed to load, grub.cfg tries the other.
-    linux = ([*re.finditer(r"^kiln-test: linux (.*)\n(.*)$", text, re.M)] or [None])[-1]
-    initrd = ([*re.finditer(r"^kiln-test: initrd (.*)\n(.*)$", text, re.M)] or [None])[-1]
+    linux = _last(re.finditer(r"^kiln-test: linux (.*)\n(.*)$", text, re.M))
+    initrd = _last(re.finditer(r"^kiln-test: initrd (.*)\n(.*)$", text, re.M))
     booted = None
     if re.search(r"^kiln-test: boot$", text, re.M):
         assert linux and initrd, text
