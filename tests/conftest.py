@@ -52,18 +52,20 @@ class Images:
     """Builds each distinct image once per session, under one temporary directory."""
 
     base: Path
-    cache: dict[tuple[str, bool], BuildResult]
+    cache: dict[tuple[str, bool, Path | None], BuildResult]
     repo: UpdateRepo | None = None
 
-    def get(self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None) -> BuildResult:
-        key = (version, debug_console)
+    def get(self, version: str = "1.0.0", debug_console: bool = True, variant: Variant | None = None,
+            keys: Path | None = None) -> BuildResult:
+        """`keys`: a `kiln keys init` directory; the image is then signed for Secure Boot."""
+        key = (version, debug_console, keys)
         if key not in self.cache:
             v = (variant or load_variant()).with_version(version)
-            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}"
+            out = self.base / f"{v.name}-{version}{'-debug' if debug_console else ''}{'-signed' if keys else ''}"
             opts = BuildOptions(
                 v, out, debug_console=debug_console,
                 update_root=self.repo.path if self.repo else None,
-                update_url=self.repo.guest_url if self.repo else None,
+                update_url=self.repo.guest_url if self.repo else None, keys=keys,
             )
             self.cache[key] = build(opts, Progress(quiet=True))
         return self.cache[key]

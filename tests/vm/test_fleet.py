@@ -26,6 +26,7 @@ from tests.etcd_cluster import etcd_cluster
 from tests.fleet_helpers import ServerProcess
 from tests.helpers import Health
 from tests.registry import OciRegistry
+from tests.vm.guest import guest_json
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
@@ -80,16 +81,6 @@ def fleet_hosts(url: str) -> dict[str, dict[str, Any]]:
     """The fleet view (what the hosts reported): id -> report, for this test's group."""
     with urllib.request.urlopen(f"{url}/v1/hosts?group=vmtest", timeout=30) as r:
         return {h["id"]: h for h in json.load(r)["hosts"]}
-
-
-def guest_json(vm: Vm, command: str) -> dict[str, Any]:
-    """`command`'s JSON, printed on one line: the daemon's console messages may come between
-    the shell's lines (they share the serial console), never inside one."""
-    compact = "python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))'"
-    out = vm.check(f"{command} | {compact}", timeout=120)
-    line = next(x for x in out.splitlines() if x.startswith("{"))
-    doc: dict[str, Any] = json.loads(line)
-    return doc
 
 
 def daemon(vm: Vm) -> dict[str, Any]:

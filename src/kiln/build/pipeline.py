@@ -26,11 +26,11 @@ from kiln.core.progress import Progress
 from kiln.image import verity
 from kiln.secureboot.keys import KeySet
 from kiln.secureboot.keys import load as load_keys
-from kiln.secureboot.varstore import make_vars
+from kiln.secureboot.varstore import VARS_NAME, make_vars
 from kiln.variant import Variant
 
 ARCH = "amd64"
-SECURE_BOOT_VARS = "secureboot-vars.fd"
+SECURE_BOOT_VARS = VARS_NAME
 NAMESPACE = uuid.UUID("4b494c4e-6275-696c-6400-000000000000")  # for derived, reproducible ids
 
 
