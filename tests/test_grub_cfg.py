@@ -155,7 +155,7 @@ class GrubDisk:
             [sig] = signer.sign_for_grub(work / "grub.cfg")
             early = work / "emu-early.cfg"
             pause = 'function kiln_test_sleep { echo "kiln-test: sleep $1"; }\n'
-            embedded = re.sub(r"^sleep (\d+)$", r"kiln_test_sleep \1", bootloader.GRUB_EARLY_CFG.read_text(),
+            embedded = re.sub(r"^sleep (\d+)$", r"kiln_test_sleep \1", bootloader.early_cfg(),
                               flags=re.M)
             early.write_text(f"trust $prefix/boot-key.pub\nset prefix=($root)/EFI/BOOT\n{pause}{embedded}")
             subprocess.run([which("mmd"), "-i", esp, "::/EMU"], env=TOOL_ENV, check=True)

@@ -94,6 +94,12 @@ def boot_partition(
     tools.mkfs_fat(out, v.partitions.boot, label="KILN-BOOT", volume_id=volid, files=files, mtime=mtime)
 
 
+def early_cfg() -> str:
+    """grub-early.cfg as GRUB embeds it: without comments, which the embedded configuration's
+    parser does not know (it prints "Unknown command `#'")."""
+    return "".join(line for line in GRUB_EARLY_CFG.read_text().splitlines(True) if not line.startswith("#"))
+
+
 def grub_efi(out: Path, *, mtime: int, work: Path, signer: BootSigner | None = None) -> None:
     """GRUB's EFI image. Signed: it embeds the boot key and the configuration that enforces
     signatures (grub-early.cfg), has no shim_lock verifier (no shim: the firmware checks
@@ -104,7 +110,9 @@ def grub_efi(out: Path, *, mtime: int, work: Path, signer: BootSigner | None = N
         return
     unsigned = work / "grubx64.unsigned.efi"
     pub = signer.public_key(work / "boot-key.pub")
-    run([*argv, "-o", unsigned, "--disable-shim-lock", "--pubkey", pub, "--config", GRUB_EARLY_CFG,
+    early = work / "early.cfg"
+    early.write_text(early_cfg())
+    run([*argv, "-o", unsigned, "--disable-shim-lock", "--pubkey", pub, "--config", early,
          *GRUB_MODULES, *GRUB_SIGNED_MODULES], env={"SOURCE_DATE_EPOCH": str(mtime)})
     signer.sign_efi(unsigned, out)
 
