@@ -35,7 +35,7 @@ demo: setup
 
 # The whole suite, VM tests included. pytest's exit code 5 (nothing collected) fails too.
 test: setup lint
-	$(SUDO) $(PY) -m pytest -p no:cacheprovider tests; rc=$$?; \
+	$(SUDO) $(PY) -m pytest -p no:cacheprovider --durations=30 tests; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 test-unit: setup
