@@ -1,5 +1,5 @@
 """Helpers shared by Kiln's benchmarks: machine facts, timing, tables, serial timestamps,
-safe clean-up, a newc cpio writer and QEMU process handling.
+safe clean-up, a newc cpio writer, QEMU process handling and timed boots of Kiln images.
 
 Benchmarks print ratios measured side by side in one run; every number they print is also
 written to a JSON file under bench/results/ together with the machine it was measured on.
@@ -24,12 +24,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.vm.qemu import end_process_group
+from kiln.vm.qemu import Ending, Vm, VmConfig, end_process_group
+
+if TYPE_CHECKING:
+    from kiln.variant import Variant
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -309,6 +312,34 @@ def run(
     return proc
 
 
+# ------------------------------------------------------------------ builds
+def kiln_build(variant: Variant, cache: Path, out: Path, keys: Path | None = None) -> dict[str, Any]:
+    """One `kiln build` (the library call the CLI makes) of `variant`
+    into `out` with KILN_CACHE=cache; with `keys`, `kiln build --keys` (signed for Secure Boot)."""
+    from kiln.build.pipeline import BuildOptions, build
+    from kiln.core.progress import Progress
+
+    saved = os.environ.get("KILN_CACHE")
+    os.environ["KILN_CACHE"] = str(cache)
+    try:
+        t0 = time.monotonic()
+        result = build(
+            BuildOptions(variant, out, cache=cache, debug_console=False, keys=keys), Progress(quiet=True)
+        )
+        seconds = time.monotonic() - t0
+    finally:
+        if saved is None:
+            os.environ.pop("KILN_CACHE", None)
+        else:
+            os.environ["KILN_CACHE"] = saved
+    return {
+        "seconds": round(seconds, 2),
+        "sizes": result.sizes,
+        "steps": {k: round(v, 2) for k, v in result.timings.items()},
+        "cache_bytes": tree_bytes(cache),
+    }
+
+
 # ------------------------------------------------------------------ initramfs
 @dataclass(frozen=True)
 class CpioEntry:
@@ -507,3 +538,105 @@ def other_work(warn: bool = False) -> list[str]:
     if warn and busy:
         log(f"warning: other QEMU/pytest work is running; numbers will be slower: {busy}")
     return busy
+
+
+# ------------------------------------------------------------------ timed boots of Kiln images
+# Kiln's serial milestones (the quiet image prints only a few lines).
+GRUB_RE = r"Welcome to GRUB"
+SLOT_RE = r"kiln-grub: booting slot"
+HANDOFF_RE = r"Booting in blind mode|\] Linux version"  # GRUB's last line, else the kernel's first
+INIT_RE = r"kiln-init:"
+KILN_BOOT_TIMEOUT = 420.0
+
+
+def clean_workdir(path: Path) -> Path:
+    remove_tree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+@dataclass
+class Boot:
+    """One timed boot: seconds from QEMU start to the marker, and the milestones on the way."""
+
+    system: str
+    cpus: int
+    run: int
+    marker_s: float | None = None
+    milestones: dict[str, float | None] | None = None
+    error: str | None = None
+    loadavg: float = 0.0
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        ms = {k: None if v is None else round(v, 3) for k, v in (self.milestones or {}).items()}
+        return {
+            "system": self.system,
+            "cpus": self.cpus,
+            "run": self.run,
+            "marker_s": None if self.marker_s is None else round(self.marker_s, 3),
+            "milestones": ms,
+            "error": self.error,
+            "loadavg_1min": round(self.loadavg, 2),
+            "note": self.note,
+        }
+
+
+def kiln_milestones(clock: SerialClock, ready: float | None) -> dict[str, float | None]:
+    """Kiln's boot split at its serial milestones: OVMF until `Welcome to GRUB`, GRUB until its
+    last line before the kernel runs (`Booting in blind mode`), then kernel to ready."""
+    grub = clock.first(GRUB_RE)
+    handoff = clock.first(HANDOFF_RE)
+    return {
+        "grub": grub,
+        "grub_slot": clock.first(SLOT_RE),
+        "kernel_handoff": handoff,
+        "kernel_first_line": clock.first(r"\] Linux version"),
+        "kiln_init": clock.first(INIT_RE),
+        "ready": ready,
+        "firmware_s": grub,
+        "grub_s": None if grub is None or handoff is None else handoff - grub,
+        "kernel_to_marker_s": None if handoff is None or ready is None else ready - handoff,
+    }
+
+
+def boot_vm(
+    system: str,
+    cfg: VmConfig,
+    pattern: str | re.Pattern[str],
+    cpus: int,
+    run: int,
+    log_path: Path,
+    after: Callable[[Vm], str | None] | None = None,
+    timeout: float = KILN_BOOT_TIMEOUT,
+) -> tuple[Boot, SerialClock]:
+    """Boot with kiln.vm.qemu.Vm, wait for `pattern`; `after` runs while the VM is up. The VM
+    is always killed (its own process group) before this returns; the timed log is written."""
+    b = Boot(system, cpus, run, loadavg=os.getloadavg()[0])
+    clock = SerialClock()
+    vm = Vm(cfg, echo=clock)
+    try:
+        vm.start()
+        clock.start(vm.started_at)
+        try:
+            vm.wait_for(pattern, timeout)
+            b.marker_s = clock.first(pattern)
+            if b.marker_s is None:  # the reader saw it before the line was complete
+                time.sleep(0.2)
+                b.marker_s = clock.first(pattern) or time.monotonic() - vm.started_at
+            if after is not None:
+                b.note = after(vm)
+        except Exception as e:  # a failed boot is a data point, not the end of the benchmark
+            b.error = str(e).splitlines()[0]
+    finally:
+        vm.kill()
+    log_path.write_text(clock.text())
+    return b, clock
+
+
+def power_off(vm: Vm) -> str:
+    """Press the power button once the host has reported its status; say how it ended."""
+    with contextlib.suppress(Exception):
+        vm.wait_for(r"kiln: status ", 30)
+    ending = vm.shutdown(timeout=180)
+    return "clean power-off" if ending in (Ending.POWERED_OFF, Ending.REBOOTED) else "power-off timed out; killed"

@@ -29,7 +29,6 @@ and the slowest units. Writes bench/results/boot_time.json. Run as root.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -46,13 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import _bench as B
+from _bench import Boot, boot_vm, clean_workdir, kiln_milestones, power_off
 
 from kiln.build.apt import Package
 from kiln.build.kernel import Kernel
 from kiln.build.pipeline import BuildOptions, build, default_cache
 from kiln.core.progress import Progress
 from kiln.variant import Variant, load_variant
-from kiln.vm.qemu import READY_RE, Vm, VmConfig
+from kiln.vm.qemu import READY_RE, VmConfig
 
 FLOOR_MARKER = "floor: ready"
 GENERAL_MARKER = "general: ready"
@@ -73,12 +73,8 @@ VERBOSE_ARGS = (
 )
 TIMEOUTS = {"floor": 90.0, "kiln": 420.0, "general": 420.0}
 
-# Kiln serial milestones (the quiet image prints only a few lines).
-GRUB_RE = r"Welcome to GRUB"
-SLOT_RE = r"kiln-grub: booting slot"
-HANDOFF_RE = r"Booting in blind mode|\] Linux version"  # GRUB's last line, else the kernel's first
+# Direct boots are split at SeaBIOS's last line (Kiln's milestones: _bench.kiln_milestones).
 SEABIOS_HANDOFF_RE = r"Booting from ROM"  # SeaBIOS jumps to the option ROM that loads -kernel
-INIT_RE = r"kiln-init:"
 
 
 # ------------------------------------------------------------------ kernel and busybox
@@ -326,37 +322,6 @@ def direct_argv(
     return [*out, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
 
 
-def clean_workdir(path: Path) -> Path:
-    B.remove_tree(path)
-    path.mkdir(parents=True)
-    return path
-
-
-@dataclass
-class Boot:
-    system: str
-    cpus: int
-    run: int
-    marker_s: float | None = None
-    milestones: dict[str, float | None] | None = None
-    error: str | None = None
-    loadavg: float = 0.0
-    note: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        ms = {k: None if v is None else round(v, 3) for k, v in (self.milestones or {}).items()}
-        return {
-            "system": self.system,
-            "cpus": self.cpus,
-            "run": self.run,
-            "marker_s": None if self.marker_s is None else round(self.marker_s, 3),
-            "milestones": ms,
-            "error": self.error,
-            "loadavg_1min": round(self.loadavg, 2),
-            "note": self.note,
-        }
-
-
 def boot_direct(
     system: str, argv: list[str], marker: str, cpus: int, run: int, log_path: Path
 ) -> tuple[Boot, B.SerialClock]:
@@ -380,61 +345,6 @@ def boot_direct(
         else b.marker_s - handoff,
     }
     return b, clock
-
-
-def kiln_milestones(clock: B.SerialClock, ready: float | None) -> dict[str, float | None]:
-    grub = clock.first(GRUB_RE)
-    handoff = clock.first(HANDOFF_RE)
-    return {
-        "grub": grub,
-        "grub_slot": clock.first(SLOT_RE),
-        "kernel_handoff": handoff,
-        "kernel_first_line": clock.first(r"\] Linux version"),
-        "kiln_init": clock.first(INIT_RE),
-        "ready": ready,
-        "firmware_s": grub,
-        "grub_s": None if grub is None or handoff is None else handoff - grub,
-        "kernel_to_marker_s": None if handoff is None or ready is None else ready - handoff,
-    }
-
-
-def boot_vm(
-    system: str,
-    cfg: VmConfig,
-    pattern: str | re.Pattern[str],
-    cpus: int,
-    run: int,
-    log_path: Path,
-    after: Callable[[Vm], str | None] | None = None,
-) -> tuple[Boot, B.SerialClock]:
-    """Boot with kiln.vm.qemu.Vm, wait for `pattern`; `after` runs while the VM is up."""
-    b = Boot(system, cpus, run, loadavg=os.getloadavg()[0])
-    clock = B.SerialClock()
-    vm = Vm(cfg, echo=clock)
-    try:
-        vm.start()
-        clock.start(vm.started_at)
-        try:
-            timeout = TIMEOUTS["kiln" if system.startswith("kiln") else "floor"]
-            vm.wait_for(pattern, timeout)
-            b.marker_s = clock.first(pattern)
-            if b.marker_s is None:  # the reader saw it before the line was complete
-                time.sleep(0.2)
-                b.marker_s = clock.first(pattern) or time.monotonic() - vm.started_at
-            if after is not None:
-                b.note = after(vm)
-        except Exception as e:  # a failed boot is a data point, not the end of the benchmark
-            b.error = str(e).splitlines()[0]
-    finally:
-        vm.kill()
-    log_path.write_text(clock.text())
-    return b, clock
-
-
-def power_off(vm: Vm) -> str:
-    with contextlib.suppress(Exception):
-        vm.wait_for(r"kiln: status ", 30)
-    return "clean power-off" if vm.shutdown(timeout=180) else "power-off timed out; killed"
 
 
 # ------------------------------------------------------------------ Kiln image

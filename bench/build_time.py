@@ -25,38 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import _bench as B
+from _bench import kiln_build
 
-from kiln.build.pipeline import BuildOptions, build
-from kiln.core.progress import Progress
 from kiln.variant import Variant, load_variant
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP_INCLUDE = "systemd,python3,containerd,runc"
 TARGETS = {"cold_s": 120.0, "warm_s": 45.0, "root_mib": 120.0}
-
-
-def kiln_build(variant: Variant, cache: Path, out: Path) -> dict[str, Any]:
-    """One `kiln build` (the library call the CLI makes) with KILN_CACHE=cache."""
-    saved = os.environ.get("KILN_CACHE")
-    os.environ["KILN_CACHE"] = str(cache)
-    try:
-        t0 = time.monotonic()
-        result = build(
-            BuildOptions(variant, out, cache=cache, debug_console=False), Progress(quiet=True)
-        )
-        seconds = time.monotonic() - t0
-    finally:
-        if saved is None:
-            os.environ.pop("KILN_CACHE", None)
-        else:
-            os.environ["KILN_CACHE"] = saved
-    return {
-        "seconds": round(seconds, 2),
-        "sizes": result.sizes,
-        "steps": {k: round(v, 2) for k, v in result.timings.items()},
-        "cache_bytes": B.tree_bytes(cache),
-    }
 
 
 def installed_packages(root: Path) -> int:

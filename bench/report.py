@@ -34,7 +34,7 @@ OUTPUT = REPO / "docs" / "benchmarks.md"
 MiB = 1024 * 1024
 MIN_MEASUREMENTS = 3
 BENCHMARKS = ("build_time", "boot_time", "api_latency", "guest_api", "update", "containers", "fleet",
-              "fleet_simulate", "fleet_view")
+              "fleet_simulate", "fleet_view", "secure_boot")
 
 Run = dict[str, Any]
 
@@ -802,6 +802,114 @@ def view_section(runs: list[Run]) -> dict[str, str]:
     }
 
 
+# ------------------------------------------------------------------ secure_boot
+SB_SYSTEMS = (("sb-on", "signed, Secure Boot on"), ("sb-off", "signed, Secure Boot off"),
+              ("unsigned", "unsigned (today's default)"))
+SB_FIELDS = (("marker_s", "**QEMU start → ready**"), ("firmware_s", "— OVMF (→ `Welcome to GRUB`)"),
+             ("grub_s", "— GRUB (→ its last line, `Booting in blind mode`)"),
+             ("grub_cfg_s", "— — grub.cfg and grubenv (→ `booting slot`)"),
+             ("grub_load_s", "— — kiln.cfg, kernel, initramfs (→ hand-over)"),
+             ("kernel_to_marker_s", "— kernel → ready"))
+
+
+def secure_boot_section(runs: list[Run]) -> dict[str, str]:
+    boots = [b for r in runs for b in dig(r, "result", "boot", "per_boot") or [] if not b.get("error")]
+
+    def samples(system: str, field: str) -> list[float | None]:
+        return [b.get("marker_s") if field == "marker_s" else dig(b, "milestones", field)
+                for b in boots if b["system"] == system]
+
+    def m(system: str, field: str) -> float | None:
+        return med(samples(system, field))
+
+    def cell(system: str, field: str) -> str:
+        got = [v for v in samples(system, field) if v is not None]
+        return f"{sec(med(got))} ({num(min(got))}–{num(max(got))})" if got else "–"
+
+    def delta(a: float | None, b: float | None) -> str:
+        return "–" if a is None or b is None else f"{a - b:+.2f} s"
+
+    rows = [[label, *(cell(s, f) for s, _ in SB_SYSTEMS), num(ratio(m("sb-on", f), m("unsigned", f))),
+             delta(m("sb-on", f), m("unsigned", f)), delta(m("sb-off", f), m("unsigned", f))]
+            for f, label in SB_FIELDS]
+    rows.append(["boots (all runs)", *(str(len(samples(s, "marker_s"))) for s, _ in SB_SYSTEMS), "", "", ""])
+    firsts = [b for r in runs for b in dig(r, "result", "boot", "first_boots") or [] if not b.get("error")]
+    sizes = (dig(runs[-1], "result", "sizes") or {}) if runs else {}
+    hashed = (sizes.get("vmlinuz") or 0) + (sizes.get("initrd.img") or 0)
+    extra = None if m("sb-off", "grub_load_s") is None or m("unsigned", "grub_load_s") is None else \
+        (m("sb-off", "grub_load_s") or 0) - (m("unsigned", "grub_load_s") or 0)
+    builds = [b for r in runs for b in dig(r, "result", "build", "per_build") or []]
+
+    def bvals(kind: str, step: str | None = None) -> list[float | None]:
+        return [b.get("seconds") if step is None else dig(b, "steps", step) for b in builds if b["kind"] == kind]
+
+    bu, bs = med(bvals("unsigned")), med(bvals("signed"))
+    pairs: dict[tuple[int, int], dict[str, float]] = {}
+    for i, r in enumerate(runs):
+        for b in dig(r, "result", "build", "per_build") or []:
+            pairs.setdefault((i, b["run"]), {})[b["kind"]] = b["seconds"]
+    added = [p["signed"] - p["unsigned"] for p in pairs.values() if len(p) == 2]
+    build_rows = [
+        ["whole build (added: median of the pairs' differences)", sec(bu, 1), sec(bs, 1), delta(med(added), 0.0),
+         num(ratio(bs, bu)), listing(added, lambda v: "–" if v is None else f"{v:+.1f}")],
+    ]
+    step_names = list(dig(builds[0], "steps") or {}) if builds else []
+    for st in step_names:
+        su, ss = med(bvals("unsigned", st)), med(bvals("signed", st))
+        build_rows.append([f"— step `{st}`", sec(su), sec(ss), delta(ss, su), num(ratio(ss, su)), ""])
+    rounds = [x for r in runs for x in dig(r, "result", "signing_steps", "per_round") or []]
+    names: list[str] = []
+    for x in rounds:
+        names += [k for k in x if k not in names]
+    total_key = next((k for r in runs for k in dig(r, "result", "signing_steps", "summary") or {}
+                      if k.startswith("total added")), None)
+    totals = [dig(r, "result", "signing_steps", "summary", total_key, "values") or [] for r in runs
+              ] if total_key else []
+    step_rows = [[k, msec(med((x.get(k) or 0) * 1000 for x in rounds if k in x), 1)] for k in names]
+    step_rows.append(["**total added** (the signed GRUB's grub-mkimage over the plain one, plus every step a "
+                      "plain build does not make; the SHA-256 line is part of the signatures)",
+                      msec(med(v * 1000 for t in totals for v in t if v is not None), 1)])
+    return {
+        "provenance": provenance(runs, f"{min((len(samples(s, 'marker_s')) for s, _ in SB_SYSTEMS), default=0)} "
+                                       "steady-state boots per system, "
+                                       f"{len(added)} build pair{'s' if len(added) != 1 else ''}"),
+        "boot_table": table(["median (min–max, s)", *(label for _, label in SB_SYSTEMS), "on / unsigned",
+                             "on − unsigned", "off − unsigned"], rows),
+        "ratio_whole": num(ratio(m("sb-on", "marker_s"), m("unsigned", "marker_s"))),
+        "delta_whole": delta(m("sb-on", "marker_s"), m("unsigned", "marker_s")),
+        "ratio_grub": num(ratio(m("sb-on", "grub_s"), m("unsigned", "grub_s"))),
+        "delta_grub": delta(m("sb-on", "grub_s"), m("unsigned", "grub_s")),
+        "delta_on_off": delta(m("sb-on", "marker_s"), m("sb-off", "marker_s")),
+        "delta_firmware_on_off": delta(m("sb-on", "firmware_s"), m("sb-off", "firmware_s")),
+        "delta_kernel_on_unsigned": delta(m("sb-on", "kernel_to_marker_s"), m("unsigned", "kernel_to_marker_s")),
+        "verify_extra": sec(extra),
+        "verify_bytes": mib(hashed or None),
+        "kernel_size": mib(sizes.get("vmlinuz")),
+        "initrd_size": mib(sizes.get("initrd.img")),
+        "verify_rate": "–" if not extra or extra <= 0 else f"{hashed / MiB / extra:.1f} MiB/s",
+        "first_boots": ", ".join(f"{b['system'].removesuffix('-first')} {sec(b.get('marker_s'))}" for b in firsts)
+                       or "–",
+        "cpus": count(dig(runs[-1], "result", "cpus")) if runs else "–",
+        "build_table": table(["`kiln build`, warm package cache", "unsigned", "`--keys`", "added", "ratio",
+                              "added, each pair (s)"], build_rows),
+        "build_added": delta(med(added), 0.0),
+        "build_unsigned_range": f"{sec(min(u), 1)} – {sec(max(u), 1)}" if (u := [v for v in bvals("unsigned")
+                                                                                   if v is not None]) else "–",
+        "build_boot_step": delta(med(bvals("signed", "boot")), med(bvals("unsigned", "boot"))),
+        "verify_extra_on": delta(m("sb-on", "grub_load_s"), m("unsigned", "grub_load_s")),
+        "build_ratio": num(ratio(bs, bu)),
+        "steps_table": table(["signing step, alone (in-process)", "median"], step_rows),
+        "steps_total": msec(med(v * 1000 for t in totals for v in t if v is not None), 0),
+        "grub_efi_sizes": f"{mib(sizes.get('grub_efi_unsigned'), 2)} → {mib(sizes.get('grub_efi_signed'), 2)}",
+        "runs": runs_table(runs, [
+            ("boot on / unsigned", lambda r: num(dig(r, "result", "boot", "summary", "sb-on/unsigned", "marker_s"))),
+            ("build added (each pair)", lambda r: listing(
+                dig(r, "result", "build", "summary", "added_per_pair_s") or [],
+                lambda v: "–" if v is None else f"{v:+.1f} s")),
+        ]),
+    }
+
+
 # ------------------------------------------------------------------ all of it
 SECTIONS: dict[str, tuple[str, Callable[[list[Run]], dict[str, str]]]] = {
     "build": ("build_time", build_section),
@@ -813,6 +921,7 @@ SECTIONS: dict[str, tuple[str, Callable[[list[Run]], dict[str, str]]]] = {
     "fleet": ("fleet", fleet_section),
     "simulate": ("fleet_simulate", simulate_section),
     "view": ("fleet_view", view_section),
+    "secure_boot": ("secure_boot", secure_boot_section),
 }
 
 

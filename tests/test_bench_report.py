@@ -57,7 +57,7 @@ def test_every_placeholder_has_a_value(report: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("name", ["build_time", "boot_time", "api_latency", "guest_api", "update", "containers",
-                                  "fleet", "fleet_simulate", "fleet_view"])
+                                  "fleet", "fleet_simulate", "fleet_view", "secure_boot"])
 def test_results_are_lists_of_runs_that_say_where_they_come_from(report: ModuleType, name: str) -> None:
     runs: list[dict[str, Any]] = json.loads((report.RESULTS / f"{name}.json").read_text())
     assert isinstance(runs, list) and runs
