@@ -121,6 +121,9 @@ def test_a_tampered_boot_file_sends_grub_to_the_other_slot(disk: GrubDisk, unsig
     assert "kiln-grub: booting slot B" in run.output
     assert "kiln-grub: falling back to slot A" in run.output
     booted_normally(disk, run, "A", ("kiln.skipped=B",))
+    if name == "initrd.img":  # refused before B's kernel was loaded (see grub.cfg)
+        assert "kiln-grub: slot B: initrd.img did not verify" in run.output
+        assert run.output.count("kiln-test: linux") == 1, run.output
     seen = editenv_list(tmp_path, run.env_after)
     assert (seen["B_TRIES"], seen["B_PRIO"], seen["A_PRIO"]) == ("0", "2", "1")
 
@@ -183,3 +186,16 @@ def test_the_grubenv_cannot_turn_the_checks_off(disk: GrubDisk, tmp_path: Path) 
     run = disk.boot(editenv(tmp_path, env))
     booted_normally(disk, run, "B", ("kiln.skipped=A",))
     assert "init=/bin/sh" not in " ".join(run.linux)
+
+
+@pytest.mark.parametrize("name", ["kiln.cfg", "vmlinuz", "initrd.img"])
+def test_an_unsigned_disk_passes_over_a_slot_with_a_missing_file(unsigned: GrubDisk, tmp_path: Path,
+                                                                 name: str) -> None:
+    """The same fallback without signatures: a BOOT partition missing a file (a write cut
+    short) no longer ends in a reboot loop on that slot."""
+    plain = unsigned.copy(tmp_path / "unsigned.img")
+    subprocess.run([which("mdel"), "-i", plain.mtools("boot", "A"), f"::/{name}"], env=TOOL_ENV, check=True)
+    run = plain.boot(env_of(tmp_path, Flags(2, 0, True), Flags(1, 0, True)))
+    assert run.booted == "B", run.output
+    assert run.linux == BUILDS["B"].linux_args(plain.v, "B", ("kiln.skipped=A",)), run.output
+    assert run.output.count("kiln-test: linux") == (2 if name == "vmlinuz" else 1), run.output
