@@ -6,7 +6,7 @@ KILN := $(VENV)/bin/kiln
 APT_PACKAGES := qemu-system-x86 qemu-utils ovmf grub-efi-amd64-bin grub-common grub-emu erofs-utils \
 	cryptsetup-bin gdisk fdisk mtools dosfstools genisoimage zstd e2fsprogs kmod binutils debootstrap \
 	systemd apt dpkg debian-archive-keyring python3-minimal python3-venv docker-registry skopeo umoci busybox-static \
-	containerd runc etcd-server etcd-client openssl chromium sbsigntool faketime
+	containerd runc etcd-server etcd-client openssl chromium sbsigntool faketime gpgv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt venv demo test test-unit test-vm lint bench clean

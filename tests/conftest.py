@@ -96,6 +96,22 @@ def built(images: Images) -> BuildResult:
     return images.get(debug_console=False)
 
 
+@pytest.fixture(scope="session")
+def secure_boot_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `kiln keys init` directory for the session's signed image."""
+    from kiln.secureboot import keys
+
+    d = tmp_path_factory.mktemp("secure-boot") / "keys"
+    keys.init(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def signed_build(images: Images, secure_boot_keys: Path) -> BuildResult:
+    """The default image with the debug console, built with `--keys` (Secure Boot)."""
+    return images.get(keys=secure_boot_keys)
+
+
 @pytest.fixture
 def boot(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Vm]]:
     """Start VMs; every one is killed (its whole process group) at teardown. A guest

@@ -28,7 +28,7 @@ from kiln.image import layout
 from kiln.image.verity import build_hash_tree
 from kiln.secureboot import keys, varstore
 from kiln.vm.qemu import Vm
-from tests.conftest import Images, raw_copy
+from tests.conftest import raw_copy
 from tests.vm.guest import guest_json
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -40,15 +40,8 @@ UPDATE_TO_B = SlotState(Flags(1, 0, True), Flags(2, 1, False), None)  # B an upd
 
 
 @pytest.fixture(scope="module")
-def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("sb") / "keys"
-    keys.init(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def signed(images: Images, key_dir: Path) -> BuildResult:
-    return images.get(keys=key_dir)
+def signed(signed_build: BuildResult) -> BuildResult:
+    return signed_build
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "mcopy": "mtools",
     "mmd": "mtools",
     "mdel": "mtools",
+    "gpgv": "gpgv",
     "mkfs.ext4": "e2fsprogs",
     "grub-mkimage": "grub-common",
     "grub-editenv": "grub-common",
