@@ -57,6 +57,7 @@ bench: setup
 	$(SUDO) $(PY) bench/update.py
 	$(SUDO) $(PY) bench/containers.py
 	$(SUDO) $(PY) bench/fleet.py --guest
+	$(SUDO) $(PY) bench/secure_boot.py
 	$(SUDO) $(PY) bench/fleet_simulate.py
 	$(SUDO) $(PY) bench/fleet_view.py
 	$(PY) bench/report.py
