@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,10 @@ def build_section(runs: list[Run]) -> dict[str, str]:
 
 # ------------------------------------------------------------------ boot_time
 SYSTEMS = ("floor", "kiln", "kiln-2nd", "general")
+# Like for like (bench/boot_time.py PATHS): Kiln's first and second boot against the general-purpose
+# system booted the same way. Runs from before these were measured lack them: their cells are "–".
+BOOT_PATHS = (("OVMF + GRUB", "kiln", "kiln-2nd", "general-grub"),
+              ("direct kernel boot (SeaBIOS)", "kiln-direct", "kiln-direct-2nd", "general"))
 
 
 def boot_section(runs: list[Run]) -> dict[str, str]:
@@ -283,6 +288,42 @@ def boot_section(runs: list[Run]) -> dict[str, str]:
 
     def n_boots(system: str, c: int) -> int:
         return sum(1 for b in boots if b["system"] == system and b["cpus"] == c)
+
+    def run_ratio(kiln: str, general: str, c: int, field: str) -> float | None:
+        """kiln / general from the medians of each run (both measured side by side), median over runs."""
+        per_run = []
+        for r in runs:
+            got = [b for b in dig(r, "result", "per_boot") or [] if not b.get("error") and b["cpus"] == c]
+
+            def m(system: str, got: list[dict[str, Any]] = got) -> float | None:
+                return med(b.get(field) if field == "marker_s" else dig(b, "milestones", field)
+                           for b in got if b["system"] == system)
+
+            per_run.append(ratio(m(kiln), m(general)))
+        return med(per_run)
+
+    like_header = ["", *(f"{c} vCPU: {what}" for c in cpus for what in ("QEMU start → ready", "kernel → ready"))]
+    like_rows = []
+    for path, k1, k2, gen in BOOT_PATHS:
+        for i, (label, system) in enumerate((("kiln, first boot", k1), ("kiln, second boot", k2),
+                                             ("general-purpose Debian (its marker)", gen))):
+            like_rows.append([f"**{path}**: {label}" if i == 0 else f"— {label}",
+                              *(sec(marker(system, c, f)) for c in cpus
+                                for f in ("marker_s", "kernel_to_marker_s"))])
+        for label, system in (("first", k1), ("second", k2)):
+            like_rows.append([f"— kiln / general, {label} boot (ratio in each run, median)",
+                              *(num(run_ratio(system, gen, c, f)) for c in cpus
+                                for f in ("marker_s", "kernel_to_marker_s"))])
+    like_systems = [s for p in BOOT_PATHS for s in p[1:]]
+    like_rows.append(["boots per system (all runs)",
+                      *(str(min(n_boots(s, c) for s in like_systems)) for c in cpus for _ in range(2))])
+
+    def like_cell(r: Run, c: int) -> str:
+        return " / ".join(num(dig(r, "result", "summary", str(c), "like_for_like", path, "first", "whole"))
+                          for path in ("grub", "direct"))
+
+    def general_cell(r: Run, c: int) -> str:
+        return num(dig(r, "result", "summary", str(c), "ratios", "kiln/general"))
 
     header = ["", *(f"{c} vCPU" for c in cpus)]
     rows = [
@@ -324,6 +365,7 @@ def boot_section(runs: list[Run]) -> dict[str, str]:
         "provenance": provenance(runs, f"{min((n_boots(s, c) for s in SYSTEMS for c in cpus), default=0)} boots "
                                        f"per system and vCPU count"),
         "table": table(header, rows),
+        "like_for_like": table(like_header, like_rows),
         "target_max": f"≤ {num(target_max, 1)}",
         "verdict": "; ".join(verdicts),
         "timeline_provenance": f"the last run ({day(runs[-1])} UTC), {tl.get('cpus')} vCPU" if tl else "none",
@@ -333,8 +375,9 @@ def boot_section(runs: list[Run]) -> dict[str, str]:
         "general_packages": count(dig(runs[-1], "result", "general", "packages")) if runs else "–",
         "general_tree": mib(dig(runs[-1], "result", "general", "tree_bytes"), 0) if runs else "–",
         "runs": runs_table(runs, [
-            (f"kiln / general ({c} vCPU)", lambda r, c=c: num(dig(r, "result", "summary", str(c), "ratios",
-                                                                  "kiln/general"))) for c in cpus]),
+            *((f"kiln / general ({c} vCPU)", partial(general_cell, c=c)) for c in cpus),
+            *((f"like for like, first boot: OVMF + GRUB / direct ({c} vCPU)", partial(like_cell, c=c))
+              for c in cpus)]),
     }
 
 
