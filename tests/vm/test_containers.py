@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -81,6 +83,31 @@ class Host:
 def refusing() -> Iterator[int]:
     with refusing_registry() as port:
         yield port
+
+
+def lines_until(proc: subprocess.Popen[str], text: str, timeout: float) -> list[str]:
+    """Lines `proc` prints until one contains `text`, it ends, or `timeout` passes (read in
+    a thread: a stream that stays open but silent must not block the test)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if text in line:
+            break
+    return seen
 
 
 def test_containers_from_user_data_exec_over_mtls_and_bootstrap_across_reboots(
@@ -174,9 +201,10 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
         again = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
         assert again and again.group(1) != pid.group(1)
         vm.check(f"kill -9 {again.group(1)}")
-        deadline = time.monotonic() + 120
-        while "exited with status 137; restart 2 in" not in (line := follow.stdout.readline()):
-            assert line and time.monotonic() < deadline, "kiln logs -f did not show the second restart"
+        shown = lines_until(follow, "exited with status 137; restart 2 in", 120)
+        assert shown[-1:] and "restart 2 in" in shown[-1], (
+            f"kiln logs -f did not show the second restart in 120 s; it showed {[first, *shown]}; the unit's "
+            f"journal: {vm.sh('journalctl -n 30 -u kiln-container@workload:web')[1]}")
         follow.send_signal(signal.SIGINT)
         assert follow.wait(30) == 0
     assert host.until("serving once more", host.web) == "hello from a bootstrap container\n"
