@@ -725,3 +725,14 @@ def test_a_stop_cuts_the_wait_before_a_restart(tmp_path: Path) -> None:
     t0 = time.monotonic()
     runner.sleep(30)  # the backoff wait (up to 30 s) must not hold up a `systemctl stop`
     assert time.monotonic() - t0 < 5 and runner.stopping
+
+
+def test_logs_follow_polls_with_the_apis_line_limit() -> None:
+    """After its first answer `kiln logs -f` asks for the API's largest `lines`: with the
+    user's -n there, journalctl kept only the last N entries after the cursor, and a restart
+    note that came with other lines in one interval was skipped. The client's copy of the
+    limit must be the API's; the following itself is checked in tests/vm/test_containers.py."""
+    from kiln.host.api import containers as api_containers
+    from kiln.host.cli import containers as cli_containers
+
+    assert cli_containers.LOG_LINES == api_containers.LOG_LINES

@@ -44,6 +44,7 @@ def cmd_containers(args: argparse.Namespace) -> int:
 
 
 FOLLOW_INTERVAL = 1.0  # seconds between polls of `kiln logs -f`
+LOG_LINES = 10_000  # the API's most entries per answer (kiln.host.api.containers.LOG_LINES)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -60,6 +61,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 return 0
             sys.stdout.flush()
             cursor = answer["cursor"] or cursor
+            # After the first answer, every entry since the cursor: `lines` keeps the *last*
+            # N after it, so -n 1 dropped all but one of the entries that came in one interval.
+            query["lines"] = str(LOG_LINES)
             time.sleep(FOLLOW_INTERVAL)
     except KeyboardInterrupt:  # how -f ends
         return 0
