@@ -30,7 +30,6 @@ from kiln.secureboot.varstore import VARS_NAME, make_vars
 from kiln.variant import Variant
 
 ARCH = "amd64"
-SECURE_BOOT_VARS = VARS_NAME
 NAMESPACE = uuid.UUID("4b494c4e-6275-696c-6400-000000000000")  # for derived, reproducible ids
 
 
@@ -195,7 +194,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
                     disk_path, v, build_id, {"efi": esp_img, "boot": boot_img, "root": root_img, "hash": hash_img}
                 )
             if keys:  # public certificates only: what a VM platform enrolls (EC2's --uefi-data)
-                make_vars(keys, out / SECURE_BOOT_VARS)
+                make_vars(keys, out / VARS_NAME)
             with progress.step("artifacts", "compressed update images"):
                 manifest = write_artifacts(
                     out / "artifacts",
@@ -224,7 +223,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
                 root_hash=vres.root_hash,
                 sizes=sizes,
                 timings=dict(progress.timings),
-                secure_boot_vars=opts.output / SECURE_BOOT_VARS if keys else None,
+                secure_boot_vars=opts.output / VARS_NAME if keys else None,
             )
             (out / "build.json").write_text(json.dumps({**result.to_json(), "timings": None}, indent=2) + "\n")
         return result
