@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import tty
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kiln.core.errors import KilnError
@@ -110,6 +110,22 @@ def which(tool: str) -> str:
     return found
 
 
+def _prepare(argv: Sequence[str | Path], env: Mapping[str, str] | None, how: str) -> tuple[list[str], dict[str, str]]:
+    """The argv with its program found on PATH (or a clear error naming its package), and the
+    environment: ours, C.UTF-8 unless set, plus `env`."""
+    args = [str(a) for a in argv]
+    if "/" in args[0]:
+        _note(args[0], args[0])
+    else:
+        args[0] = which(args[0])
+    full_env = dict(os.environ)
+    full_env.setdefault("LC_ALL", "C.UTF-8")
+    if env:
+        full_env.update(env)
+    log.debug("%s: %s", how, shlex.join(args))
+    return args, full_env
+
+
 def run(
     argv: Sequence[str | Path],
     *,
@@ -128,16 +144,7 @@ def run(
     pseudo-terminal given as stdin: for programs that read a secret only from a terminal
     (so it never appears on their command line).
     """
-    args = [str(a) for a in argv]
-    if "/" in args[0]:
-        _note(args[0], args[0])
-    else:
-        args[0] = which(args[0])
-    full_env = dict(os.environ)
-    full_env.setdefault("LC_ALL", "C.UTF-8")
-    if env:
-        full_env.update(env)
-    log.debug("run: %s", shlex.join(args))
+    args, full_env = _prepare(argv, env, "run")
     master = slave = -1
     if tty_input is not None:
         master, slave = os.openpty()
@@ -172,3 +179,75 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, (proc.stderr or b"").decode(errors="replace"))
     return proc
+
+
+class Child:
+    """A long-lived child started by `spawn`: the leader of its own process group, so a stop
+    reaches everything it started (a shell's children, a tool's helpers) and nothing else."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], grace: float) -> None:
+        self.popen = popen
+        self.grace = grace
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None when it still runs after `timeout` seconds."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, sig: int) -> None:
+        """`sig` to the whole group (the child may be gone already: not an error)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, grace: float | None = None) -> int:
+        """SIGTERM to the group, SIGKILL to it after the grace period; returns the exit status.
+
+        The group is killed even when the leader exited by itself: a helper it left behind
+        would otherwise hold the child's pipes (and a port, a lock) open.
+        """
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            if self.wait(self.grace if grace is None else grace) is None:
+                log.debug("spawn: %d outlived its grace period: SIGKILL", self.popen.pid)
+        self.signal(signal.SIGKILL)
+        return self.popen.wait()
+
+
+@contextlib.contextmanager
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    grace: float = 10.0,
+) -> Iterator[Child]:
+    """Start a long-lived child in its own process group; stop it (SIGTERM, then SIGKILL after
+    `grace` seconds, to the whole group) when the block ends, whichever way it ends.
+
+    A missing tool is the same clear `KilnError` as in `run`. stdin, stdout and stderr are
+    file descriptors (or None: inherited; stdin defaults to /dev/null, so a child never
+    competes with us for a terminal).
+    """
+    args, full_env = _prepare(argv, env, "spawn")
+    try:
+        popen = subprocess.Popen(args, cwd=cwd, env=full_env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                 start_new_session=True)
+    except (FileNotFoundError, PermissionError) as e:
+        raise CommandError(args, 127, str(e)) from None
+    child = Child(popen, grace)
+    try:
+        yield child
+    finally:
+        child.stop()
