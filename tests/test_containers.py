@@ -31,8 +31,9 @@ from kiln.host.api import routes as api_routes
 from kiln.host.api import stream
 from kiln.host.api.client import ApiRefused
 from kiln.host.containers import ctr, manager, mounts, spec, status
-from kiln.host.containers.control import overview
+from kiln.host.containers.control import journal_argv, overview
 from kiln.host.containers.spec import Mount, Runtime, Spec, from_settings, normalize_image
+from kiln.host.containers.supervise import Supervisor
 from kiln.oci.push import Credentials, push
 from kiln.oci.registry import LocalRegistry
 from kiln.vm.qemu import free_port
@@ -61,7 +62,6 @@ def test_specs_from_settings_and_their_digest() -> None:
     }
     (admin,) = from_settings(tree, "host")
     assert (admin.kind, admin.id, admin.enabled, admin.superpowered) == ("host", "host-admin", True, True)
-    assert admin.unit == "kiln-container@host:admin.service"
     idle, prep = from_settings(tree, "bootstrap")
     assert not idle.enabled and prep.enabled and prep.superpowered and prep.essential and prep.restart == "never"
     (web,) = from_settings(tree, "workload")
@@ -81,6 +81,9 @@ def test_specs_from_settings_and_their_digest() -> None:
 def test_ctr_argv_superpowered_or_confined() -> None:
     admin = Spec("host", "admin", "reg.example/admin:1", superpowered=True)
     argv = ctr.run_argv(admin, Path("/local/host-containers/admin"))
+    # detached, its output to the logger the shim starts; no --rm: the supervisor deletes it
+    assert argv[5:8] == ["run", "-d", "--log-uri"] and argv[8] == "binary:///usr/libexec/kiln/container-log"
+    assert "--rm" not in argv
     assert {"--privileged", "--net-host"} <= set(argv) and "pid:/proc/1/ns/pid" in argv
     assert "type=bind,src=/,dst=/.kiln/rootfs,options=rbind:rslave:rw" in argv
     assert "type=bind,src=/run/kiln/api.sock,dst=/run/kiln/api.sock,options=bind:rw" in argv
@@ -231,35 +234,78 @@ def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always"
     }
 
 
+LOGGER = """#!/bin/sh
+# containerd's binary logger protocol, as /usr/libexec/kiln/container-log speaks it, into files
+exec 5>&-
+exec /bin/sh -c 'cat <&3 >> {dir}/$CONTAINER_ID.out & cat <&4 >> {dir}/$CONTAINER_ID.err; wait'
+"""
+
+
+class Harness:
+    """Supervisors on the test's containerd: settings from a dict, status files, lifecycle
+    lines and container output (through a logger of the same protocol as the image's) in tmp_path."""
+
+    def __init__(self, tmp_path: Path, settings: dict[str, Any]) -> None:
+        self.tmp = tmp_path
+        self.settings = settings
+        self.state = tmp_path / "state"
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir(exist_ok=True)
+        logger = tmp_path / "container-log"
+        logger.write_text(LOGGER.format(dir=self.logs))
+        logger.chmod(0o755)
+        self.log_uri = f"binary://{logger}"
+        self.lines: list[str] = []
+        self.threads: list[tuple[Supervisor, threading.Thread]] = []
+
+    def supervisor(self) -> Supervisor:
+        """A new supervisor, running in a thread (as the host agent will run it)."""
+        sup = Supervisor(lambda: json.loads(json.dumps(self.settings)), self.state, log_uri=self.log_uri,
+                         note=lambda cid, line: self.lines.append(line), persistent_root=self.tmp / "persistent",
+                         local=self.tmp, staging=self.tmp / "staging", env_dir=self.tmp / "env")
+        thread = threading.Thread(target=sup.serve_forever, daemon=True)
+        thread.start()
+        self.threads.append((sup, thread))
+        return sup
+
+    def status(self, s: Spec) -> status.State:
+        return status.read(s, self.state) or status.State("", "", "", "")
+
+    def close(self) -> None:
+        for sup, thread in self.threads:
+            if thread.is_alive():
+                sup.stop_all(60)
+                sup.shutdown()
+                thread.join(30)
+                assert not thread.is_alive(), "the supervisor did not stop"
+
+
 @pytest.fixture
-def web(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[manager.Runner, int]]:
-    """The httpd workload run by the manager's Runner, serving a directory of ours.
+def harness(ctrd: Containerd, tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path, {})
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def web(harness: Harness, oci_registry: OciRegistry, tmp_path: Path) -> Iterator[tuple[Supervisor, Spec, int]]:
+    """The httpd workload kept running by a Supervisor, serving a directory of ours.
 
     httpd is the container's PID 1 without a SIGTERM handler, so every stop ends with the
     SIGKILL after the grace period: its stop-timeout is 1 s here instead of 10 (the same
-    path, sooner).
+    path, sooner). The image is pulled by the supervisor's first start (it is not there yet).
     """
     port = free_port()
     www = tmp_path / "www"
     www.mkdir()
     (www / "index.html").write_text("served from a mount\n")
-    settings = web_settings(oci_registry, port, www)
-    (web_spec,) = from_settings(settings, "workload")
-    # Mount sources must be under /local on a host; the model checks that, not the runner.
-    manager.pull(web_spec, settings, tmp_path / "state")
-    runner = manager.Runner(web_spec, tmp_path / "state", sleep=lambda s: time.sleep(min(s, 0.5)))
-    prepared = prepare_here(web_spec, tmp_path)
-    thread = threading.Thread(target=runner.keep_running, args=(prepared,), daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: _get(port), "the workload to serve")
-        yield runner, port
-    finally:
-        runner.stop()
-        thread.join(40)
-        prepared.release()
-        assert not thread.is_alive(), "the runner did not stop"
+    harness.settings |= web_settings(oci_registry, port, www)
+    (web_spec,) = from_settings(harness.settings, "workload")
+    sup = harness.supervisor()
+    _wait(lambda: _get(port), "the workload to serve", 60)
+    yield sup, web_spec, port
 
 
 def cgroup_limits(pid: int) -> tuple[str, str]:
@@ -275,63 +321,158 @@ def cgroup_limits(pid: int) -> tuple[str, str]:
     return (memory / "memory.limit_in_bytes").read_text().strip(), quota
 
 
+def _pid(s: Spec) -> int:
+    return int(_wait(lambda: (t := ctr.tasks(s.runtime).get(s.id)) and t[1] == "RUNNING" and t[0], f"{s.id} to run"))
+
+
 def test_workload_serves_is_restarted_after_its_process_dies_and_stops_cleanly(
-    web: tuple[manager.Runner, int], ctrd: Containerd, tmp_path: Path
+    web: tuple[Supervisor, Spec, int], harness: Harness, ctrd: Containerd
 ) -> None:
-    runner, port = web
+    sup, web_spec, port = web
     assert _get(port) == "served from a mount\n"
     pid, state = ctr.tasks(spec.WORKLOAD_RUNTIME)["workload-web"]
     assert state == "RUNNING"
     assert cgroup_limits(pid) == (str(64 << 20), "50000 100000")  # memory-limit 64Mi, cpus 0.5
-    # httpd may serve before the manager's 0.1 s look at init.pid has marked it running
-    assert _wait(lambda: (st := status.read(runner.spec, tmp_path / "state")) and st.pid == pid, "the pid")
+    assert _wait(lambda: harness.status(web_spec).pid == pid, "the pid")
+    assert harness.status(web_spec).state == "running"
     os.kill(pid, 9)  # the container's process dies
-    _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).restarts == 1,
-          "the restart")
+    _wait(lambda: harness.status(web_spec).restarts == 1, "the restart")
+    assert "workload-web: exited with status 137; restart 1 in 1 s" in harness.lines
     assert _wait(lambda: _get(port), "serving again") == "served from a mount\n"
-    new_pid = _wait(lambda: ctr.tasks(spec.WORKLOAD_RUNTIME).get("workload-web", (0, ""))[0], "the new task")
+    new_pid = _pid(web_spec)
     assert new_pid != pid
-    assert _wait(lambda: (st := status.read(runner.spec, tmp_path / "state")) and st.pid == new_pid, "the new pid")
-    runner.stop()
-    _wait(lambda: "workload-web" not in ctr.tasks(spec.WORKLOAD_RUNTIME), "the task to go")
-    _wait(lambda: (status.read(runner.spec, tmp_path / "state") or status.State("", "", "", "")).state == "stopped",
-          "the stopped state")
+    assert _wait(lambda: (st := harness.status(web_spec)).pid == new_pid and st.state == "running", "the new pid")
+    # the stop: SIGTERM, which httpd as PID 1 ignores, then SIGKILL after its stop-timeout (1 s)
+    t0 = time.monotonic()
+    assert sup.stop_all(60) == ["workload-web"]
+    assert 1 <= time.monotonic() - t0 < 20
+    assert "workload-web: still running 1 s after SIGTERM: SIGKILL" in harness.lines
+    assert "workload-web" not in ctr.tasks(spec.WORKLOAD_RUNTIME)
+    assert harness.status(web_spec).state == "stopped"
     assert "workload-web" not in ctrd.ctr("containers", "ls", "-q").stdout.decode().split()
+    assert not (harness.tmp / "staging/workload-web").exists()  # the pinned mount sources are released
+    sup.undrain()  # and back
+    assert _wait(lambda: _get(port), "serving after the drain") == "served from a mount\n"
+
+
+def test_a_stop_that_sigterm_ends_takes_no_grace_period(harness: Harness, oci_registry: OciRegistry) -> None:
+    harness.settings |= {"container-registry": mirror(oci_registry), "containers": {"quick": {
+        "image": oci_registry.refs["httpd"], "stop-timeout": 30,
+        "command": ["/bin/sh", "-c", "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.1; done"]}}}
+    (quick,) = from_settings(harness.settings, "workload")
+    sup = harness.supervisor()
+    _wait(lambda: harness.status(quick).state == "running", "running")
+    _wait(lambda: "up" in (harness.logs / "workload-quick.out").read_text(), "its output in the log")
+    t0 = time.monotonic()
+    assert sup.stop_all(60) == ["workload-quick"]
+    assert time.monotonic() - t0 < 10  # not the 30 s stop-timeout
+    assert harness.status(quick).exit_code == 0 and not any("SIGKILL" in line for line in harness.lines)
+    assert "bye" in (harness.logs / "workload-quick.out").read_text()
 
 
 @pytest.mark.parametrize(("restart", "code", "state", "runs"), [
-    ("never", 3, "failed", 1), ("on-failure", 0, "exited", 1), ("on-failure", 4, "failed", 3)])
-def test_restart_policies(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path,
+    ("never", 3, "failed", 1), ("on-failure", 0, "exited", 1), ("on-failure", 4, "restarting", 3)])
+def test_restart_policies(harness: Harness, oci_registry: OciRegistry, tmp_path: Path,
                           restart: str, code: int, state: str, runs: int) -> None:
     marker = tmp_path / "runs"
     marker.mkdir()
     # Each run leaves a file; on-failure with a failing command is stopped after 3 runs.
     secret = "s3cret value, with = and 'quotes'"
-    job = Spec("workload", "job", oci_registry.refs["httpd"], restart=restart,  # type: ignore[arg-type]
-               command=("/bin/sh", "-c", f'printf %s "$SECRET" > /runs/env; mktemp /runs/run.XXXXXX; exit {code}'),
-               env=(("SECRET", secret),), mounts=(Mount(str(marker), "/runs"),))
-    manager.pull(job, {"container-registry": mirror(oci_registry)}, tmp_path / "state")
-    sleeps: list[float] = []
-    runner = manager.Runner(job, tmp_path / "state", sleep=sleeps.append)
-    if runs > 1:
-        runner.sleep = lambda s: (sleeps.append(s), len(sleeps) >= runs and runner.stop())  # type: ignore[func-returns-value]
+    harness.settings |= {"container-registry": mirror(oci_registry), "containers": {"job": {
+        "image": oci_registry.refs["httpd"], "restart": restart, "env": {"SECRET": secret},
+        "command": ["/bin/sh", "-c",
+                    f'printf %s "$SECRET" > /runs/env; mktemp /runs/run.XXXXXX; echo oops >&2; exit {code}'],
+        "mounts": [{"source": str(marker), "destination": "/runs"}]}}}
+    (job,) = from_settings(harness.settings, "workload")
     prepared = prepare_here(job, tmp_path)
     assert not any(secret in a for a in prepared.argv())  # ctr's command line is world-readable
     assert prepared.env_file is not None and prepared.env_file.stat().st_mode & 0o777 == 0o600
-    try:
-        result = runner.keep_running(prepared)
-    finally:
-        prepared.release()
-    assert not list((tmp_path / "staging").iterdir())  # the pinned sources are released
-    st = status.read(job, tmp_path / "state")
-    assert st is not None
-    assert (marker / "env").read_text() == secret
-    assert len(list(marker.glob("run.*"))) == runs
+    prepared.release()
+    sup = harness.supervisor()
     if runs == 1:
-        assert (result, st.state, st.exit_code) == (0 if code == 0 else 1, state, code)
+        st = _wait(lambda: (st := harness.status(job)).state == state and st, f"the {state} state")
+        assert (st.exit_code, st.restarts) == (code, 0)
+        time.sleep(1.5)  # a restart would have come by now
+        assert len(list(marker.glob("run.*"))) == 1
     else:
-        # stopped while waiting after the third failure; the wait doubles each time
-        assert st.state == "stopped" and st.restarts == runs and sleeps == [1.0, 2.0, 4.0]
+        _wait(lambda: harness.status(job).restarts == runs, "the third failure")
+        t0 = time.monotonic()
+        sup.stop_all(60)  # while it waits 4 s to restart: the wait is cut short
+        assert time.monotonic() - t0 < 3
+        assert harness.status(job).state == "stopped"
+        assert len(list(marker.glob("run.*"))) == runs
+        assert [line.rsplit(";", 1)[-1] for line in harness.lines] == [
+            " restart 1 in 1 s", " restart 2 in 2 s", " restart 3 in 4 s"]
+    assert (marker / "env").read_text() == secret
+    assert "oops" in (harness.logs / "workload-job.err").read_text()  # stderr, through the shim's logger
+    assert _wait(lambda: not list((tmp_path / "staging").iterdir()), "the pinned sources to be released")
+
+
+def test_a_killed_supervisor_is_replaced_by_one_that_adopts_what_runs(
+    web: tuple[Supervisor, Spec, int], harness: Harness, ctrd: Containerd
+) -> None:
+    """What a SIGKILL of kiln-containers.service leaves: tasks running in their shims, status
+    files, no supervisor. The next one adopts the task (no second one), and keeps its policy."""
+    first, web_spec, port = web
+    pid = _pid(web_spec)
+    first.shutdown()  # the loop ends; nothing is stopped (as after a SIGKILL)
+    harness.threads[0][1].join(10)
+    assert ctr.tasks(web_spec.runtime)[web_spec.id] == (pid, "RUNNING")
+    second = harness.supervisor()
+    _wait(lambda: second._runs.get(web_spec.id), "the adoption")
+    assert ctr.tasks(web_spec.runtime) == {web_spec.id: (pid, "RUNNING")}  # the same task, and only it
+    assert _get(port) == "served from a mount\n"
+    assert harness.status(web_spec).pid == pid
+    os.kill(pid, 9)  # the restart policy still holds
+    _wait(lambda: harness.status(web_spec).restarts == 1, "the restart")
+    new_pid = _pid(web_spec)
+    assert new_pid != pid and _wait(lambda: _get(port), "serving again")
+
+    # Dead again while no supervisor ran: the next one finds it ended, deletes it, restarts it.
+    second.shutdown()
+    harness.threads[1][1].join(10)
+    os.kill(new_pid, 9)
+    _wait(lambda: ctr.tasks(web_spec.runtime)[web_spec.id][1] == "STOPPED", "the task to end")
+    harness.supervisor()
+    _wait(lambda: harness.status(web_spec).restarts == 2, "the restart by the third supervisor")
+    assert _pid(web_spec) not in (pid, new_pid) and _wait(lambda: _get(port), "serving once more")
+    assert "workload-web: exited with status 137; restart 2 in 1 s" in harness.lines
+
+
+def test_settings_changes_restart_stop_and_start(
+    web: tuple[Supervisor, Spec, int], harness: Harness, oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    sup, web_spec, port = web
+    pid = _pid(web_spec)
+    sup.request_sync()  # nothing changed: nothing happens
+    time.sleep(1)
+    assert _pid(web_spec) == pid and harness.status(web_spec).restarts == 0
+    (tmp_path / "www2").mkdir()
+    (tmp_path / "www2/index.html").write_text("another directory\n")
+    harness.settings["containers"]["web"]["mounts"][0]["source"] = str(tmp_path / "www2")
+    harness.settings["containers"]["idle"] = {"image": oci_registry.refs["httpd"], "command": ["sleep", "600"]}
+    sup.request_sync()
+    assert _wait(lambda: _get(port) == "another directory\n", "the changed workload to serve", 60)
+    (changed, idle) = sorted(from_settings(harness.settings, "workload"), key=lambda s: s.name != "web")
+    assert _pid(changed) != pid and harness.status(changed).digest == changed.digest != web_spec.digest
+    _pid(idle)
+    harness.settings["containers"]["idle"]["enabled"] = False
+    del harness.settings["containers"]["web"]
+    sup.request_sync()
+    _wait(lambda: ctr.tasks(spec.WORKLOAD_RUNTIME) == {}, "both to stop")
+    _wait(lambda: harness.status(idle).state == "stopped", "the stopped state")
+    with pytest.raises(OSError):
+        _get(port)
+
+
+def test_a_container_that_cannot_start_is_failed_and_named(harness: Harness, oci_registry: OciRegistry) -> None:
+    harness.settings |= {"container-registry": mirror(oci_registry), "containers": {
+        "ghost": {"image": f"{oci_registry.address}/kiln/nope:1"}}}
+    (ghost,) = from_settings(harness.settings, "workload")
+    harness.supervisor()
+    st = _wait(lambda: (st := harness.status(ghost)).state == "failed" and st, "the failure")
+    assert "kiln/nope:1" in st.detail and "not found" in st.detail
+    assert any(line.startswith("workload-ghost: ") and "not found" in line for line in harness.lines)
 
 
 # --- the API: containers, exec, removal --------------------------------------------------------------
@@ -349,18 +490,18 @@ def kiln_cli(host: ApiHost, *args: str, input: bytes = b"", timeout: float = 60)
                           input=input, capture_output=True, timeout=timeout, check=False)
 
 
-def declare(host: ApiHost, runner: manager.Runner) -> None:
-    """Put the runner's container in the settings (its mount is outside /local, which the
+def declare(host: ApiHost, s: Spec) -> None:
+    """Put the supervised container in the settings (its mount is outside /local, which the
     model refuses: the name and image are what exec and the overview need)."""
-    host.client().request("PATCH", "/settings", {"containers": {runner.spec.name: {"image": runner.spec.image}}})
+    host.client().request("PATCH", "/settings", {"containers": {s.name: {"image": s.image}}})
     host.client().request("POST", "/tx/commit")
 
 
 def test_exec_streams_exit_status_and_backpressure(
-    web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
+    web: tuple[Supervisor, Spec, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
-    runner, _port = web
-    declare(api_host, runner)
+    _sup, web_spec, _port = web
+    declare(api_host, web_spec)
     c = api_host.client()
     out = kiln_cli(api_host, "exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (out.returncode, out.stdout, out.stderr) == (7, b"out\n", b"err\n"), out.stderr.decode()
@@ -377,10 +518,10 @@ def test_exec_streams_exit_status_and_backpressure(
 
 
 def test_exec_with_a_terminal_follows_its_size(
-    web: tuple[manager.Runner, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
+    web: tuple[Supervisor, Spec, int], api_host: ApiHost, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
-    runner, _port = web
-    declare(api_host, runner)
+    _sup, web_spec, _port = web
+    declare(api_host, web_spec)
     c = api_host.client()
     # `kiln exec` on a terminal of 33 x 101: the container's terminal has that size (ctr sets
     # it just after the start: a command that asks at once may see 0x0, hence the sleep).
@@ -466,9 +607,13 @@ def test_logs_route_checks_its_query_and_reads_the_journal(api_host: ApiHost) ->
     doc = json.loads(Path(api_routes.__file__).with_name("openapi.json").read_text())
     got = c.request("GET", "/containers/logs?name=web&lines=5")
     check_schema(doc, "GET", "/containers/logs", 200, got)
-    assert (got["kind"], got["unit"], got["entries"]) == ("workload", "kiln-container@workload:web.service", [])
+    assert (got["kind"], got["unit"], got["entries"]) == ("workload", "kiln-containers.service", [])
     assert c.request("GET", "/containers/logs?name=prep")["unit"] == "kiln-bootstrap-containers.service"
-    assert c.request("GET", "/containers/logs?name=admin")["unit"] == "kiln-container@host:admin.service"
+    assert c.request("GET", "/containers/logs?name=admin")["unit"] == "kiln-containers.service"
+    # by the container's id: its output (the shim's logger) and the supervisor's lines about it
+    web_spec = from_settings(api_host.store.live(), "workload")[0]
+    assert "--identifier=workload-web" in journal_argv(web_spec, 5)
+    assert journal_argv(web_spec, 5, "s=1")[-1] == "--after-cursor=s=1"
     for query, code, field in [
         ("", 400, "name"), ("name=Web!", 400, "name"), ("name=nope", 404, "name"),
         ("name=web&kind=host", 404, "name"), ("name=web&kind=pod", 400, "kind"),
@@ -604,57 +749,7 @@ def test_mount_arguments_keep_their_fields() -> None:
             mounts.mount_arg(Path("/run/kiln/mounts/w/0"), dst, False)
 
 
-def test_sync_waits_for_the_boot_then_matches_units_to_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """sync decides from the settings and the status files; systemctl is recorded here
-    (the VM test runs the real units)."""
-    calls: list[tuple[str, ...]] = []
-    units: dict[str, str] = {"kiln-container@workload:old.service": "active",
-                             "kiln-container@workload:same.service": "active"}
-
-    def systemctl(*args: str) -> str:
-        calls.append(args)
-        if args[0] == "list-units":
-            kind = args[-1].split("@")[1].split(":")[0]
-            return "".join(f"{u} loaded {a} running x\n" for u, a in units.items() if f"@{kind}:" in u)
-        return ""
-
-    tree = {"containers": {"same": {"image": "r/a:1"}, "new": {"image": "r/b:1"}, "off": {"image": "r/c:1",
-                                                                                            "enabled": False}}}
-    monkeypatch.setattr(manager, "_systemctl", systemctl)
-    monkeypatch.setattr(manager, "live_settings", lambda: tree)
-    monkeypatch.setattr(manager, "collect_images", lambda t: ["r/gone:1"])  # runs for real below
-    state = tmp_path / "state"
-    assert manager.sync(["workload"], state) == []  # before kiln-containers.service: nothing
-    same = from_settings(tree, "workload")[2]
-    assert same.name == "same"
-    status.write(same, "running", state)
-    actions = manager.sync(["workload"], state, boot=True)
-    assert actions == ["stop kiln-container@workload:old.service", "restart kiln-container@workload:new.service",
-                       "remove image r/gone:1"]
-    assert (state / "booted").exists()
-    tree["containers"]["same"]["image"] = "r/a:2"  # changed: restarted
-    assert manager.sync(["workload"], state) == ["stop kiln-container@workload:old.service",
-                                                 "restart kiln-container@workload:new.service",
-                                                 "restart kiln-container@workload:same.service",
-                                                 "remove image r/gone:1"]
-    assert json.loads((state / "workload-same.json").read_text())["state"] == "running"
-    units.clear()  # only a new container to start: no image can have fallen out of use
-    assert manager.sync(["workload"], state) == ["restart kiln-container@workload:new.service",
-                                                 "restart kiln-container@workload:same.service"]
-
-    def unreachable(tree: Any) -> list[str]:
-        raise KilnError("containerd did not answer")
-
-    monkeypatch.setattr(manager, "collect_images", unreachable)  # the units are still handled
-    units["kiln-container@workload:old.service"] = "active"
-    got = manager.sync(["workload"], state)
-    assert got[0] == "stop kiln-container@workload:old.service"
-    assert got[-1] == "images not collected: containerd did not answer"
-
-
-def test_what_a_killed_manager_left_is_cleared(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> None:
+def test_what_a_killed_supervisor_left_is_cleared(ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path) -> None:
     rt = spec.WORKLOAD_RUNTIME
     ref = normalize_image(oci_registry.refs["httpd"])
     ctr.pull(rt, ref, mirror(oci_registry), tmp_path / "hosts")
@@ -668,10 +763,10 @@ def test_what_a_killed_manager_left_is_cleared(ctrd: Containerd, oci_registry: O
 
 
 def test_unused_images_are_removed_with_their_content(
-    web: tuple[manager.Runner, int], ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
+    web: tuple[Supervisor, Spec, int], ctrd: Containerd, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
     """Kept: what the settings name (enabled or not) and what a container still uses."""
-    runner, _port = web
+    _sup, web_spec, _port = web
     rt = spec.WORKLOAD_RUNTIME
     admin, bootstrap = oci_registry.refs["admin"], oci_registry.refs["bootstrap"]
     for ref in (admin, bootstrap):
@@ -681,7 +776,7 @@ def test_unused_images_are_removed_with_their_content(
     tree = {"host-containers": {"admin": {"source": admin, "enabled": False}}}
     # httpd: not in the settings, but its container exists (the web fixture runs it)
     assert manager.collect_images(tree) == [normalize_image(bootstrap)]
-    assert set(ctr.images(rt)) == {normalize_image(admin), normalize_image(runner.spec.image)}
+    assert set(ctr.images(rt)) == {normalize_image(admin), normalize_image(web_spec.image)}
     assert len(list(blobs.iterdir())) == before - 3  # its manifest, config and layer
     assert manager.collect_images(tree) == []
 
@@ -717,14 +812,6 @@ def test_enabled_without_an_image_says_which_key(tmp_path: Path) -> None:
     with pytest.raises(KilnError, match=r"settings\.host-containers\.admin\.source is not set"):
         manager.pull(admin, {}, tmp_path)
 
-
-
-def test_a_stop_cuts_the_wait_before_a_restart(tmp_path: Path) -> None:
-    runner = manager.Runner(Spec("workload", "w", "r/h"), tmp_path)
-    threading.Timer(0.2, runner.stop).start()
-    t0 = time.monotonic()
-    runner.sleep(30)  # the backoff wait (up to 30 s) must not hold up a `systemctl stop`
-    assert time.monotonic() - t0 < 5 and runner.stopping
 
 
 def test_logs_follow_polls_with_the_apis_line_limit() -> None:

@@ -187,7 +187,7 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     vm.check(f"kill -9 {pid.group(1)}")
     host.until("a restart", lambda: host.containers()["workload:web"]["restarts"] >= 1)
     assert host.until("serving again", host.web) == "hello from a bootstrap container\n"
-    # kiln logs: the unit's journal, the manager's restart note included, over mTLS.
+    # kiln logs: the container's journal entries, the supervisor's restart note included, over mTLS.
     logs = host.ok("logs", "web", "-n", "50")
     assert re.search(r"^workload-web: exited with status 137; restart 1 in 1 s$", logs, re.M), logs
     assert "prepared /local/www" in host.ok("logs", "prepare")  # what the bootstrap container printed
@@ -204,7 +204,7 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
         shown = lines_until(follow, "exited with status 137; restart 2 in", 120)
         assert shown[-1:] and "restart 2 in" in shown[-1], (
             f"kiln logs -f did not show the second restart in 120 s; it showed {[first, *shown]}; the unit's "
-            f"journal: {vm.sh('journalctl -n 30 -u kiln-container@workload:web')[1]}")
+            f"journal: {vm.sh('journalctl -n 30 -t workload-web')[1]}")
         follow.send_signal(signal.SIGINT)
         assert follow.wait(30) == 0
     assert host.until("serving once more", host.web) == "hello from a bootstrap container\n"

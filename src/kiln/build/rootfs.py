@@ -184,6 +184,11 @@ def install_kiln(root: Path, units_dir: Path) -> None:
     kiln_bin = root / "usr/bin/kiln"
     kiln_bin.write_text("#!/usr/bin/python3 -I\nfrom kiln.host.cli import main\nraise SystemExit(main())\n")
     kiln_bin.chmod(0o755)
+    # containerd's binary logger for every container (ctr run --log-uri binary://…): the shim runs it.
+    libexec = root / "usr/libexec/kiln"
+    libexec.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HOST_SRC / "host/containers/container-log", libexec / "container-log")
+    (libexec / "container-log").chmod(0o755)
 
 
 def install_files(root: Path, variant: Variant) -> None:

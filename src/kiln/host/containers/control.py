@@ -14,6 +14,7 @@ from kiln.host.containers import ctr, status
 from kiln.host.containers.spec import KINDS, Kind, Spec, find, from_settings
 
 BOOTSTRAP_UNIT = "kiln-bootstrap-containers.service"  # runs every bootstrap container in turn
+SUPERVISOR_UNIT = "kiln-containers.service"  # keeps host containers and workloads running
 CURSOR = re.compile(r"^[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}$")  # journal cursors
 
 
@@ -80,27 +81,33 @@ def log_target(tree: dict[str, Any], name: str, kind: Kind | None = None) -> Spe
                           "settings.bootstrap-containers or settings.containers")
 
 
-def logs(spec: Spec, lines: int, cursor: str | None = None) -> dict[str, Any]:
-    """The last `lines` journal entries of the container's unit (after `cursor`, if given).
-
-    A container's output and its manager's messages (pulls, restarts) share the unit's
-    journal. Bootstrap containers share one unit, so their entries are interleaved.
-    The returned cursor is where the next call (`kiln logs -f`) carries on.
-    """
-    unit = BOOTSTRAP_UNIT if spec.kind == "bootstrap" else spec.unit
+def journal_argv(spec: Spec, lines: int, cursor: str | None = None) -> list[str]:
+    """The one `journalctl` command line for a container's entries: its output (written by the
+    shim's logger) and the supervisor's lines about it share its id as SYSLOG_IDENTIFIER."""
     argv = ["journalctl", "--no-pager", "--quiet", "--output=json", "--output-fields=MESSAGE",
-            f"--unit={unit}", f"--lines={lines}"]
+            f"--identifier={spec.id}", f"--lines={lines}"]
     if cursor:
         argv.append(f"--after-cursor={cursor}")
+    return argv
+
+
+def logs(spec: Spec, lines: int, cursor: str | None = None) -> dict[str, Any]:
+    """The last `lines` journal entries of the container (after `cursor`, if given).
+
+    `unit` names the service that runs it (bootstrap containers: the bootstrap unit; the
+    others: the supervisor). The returned cursor is where the next call (`kiln logs -f`)
+    carries on.
+    """
+    unit = BOOTSTRAP_UNIT if spec.kind == "bootstrap" else SUPERVISOR_UNIT
     try:
-        proc = run(argv, check=False, timeout=20)
+        proc = run(journal_argv(spec, lines, cursor), check=False, timeout=20)
     except KilnError as e:  # not installed, or timed out
         raise LogsUnavailable(str(e)) from None
     if proc.returncode != 0:
         why = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
         if cursor and why and "cursor" in why[-1]:
             raise BadCursor(f"{why[-1]} (a cursor from an earlier answer, or none)")
-        raise LogsUnavailable(f"journalctl failed for {unit}: {why[-1] if why else f'exit {proc.returncode}'}")
+        raise LogsUnavailable(f"journalctl failed for {spec.id}: {why[-1] if why else f'exit {proc.returncode}'}")
     entries = []
     for line in proc.stdout.splitlines():
         entry = json.loads(line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,9 @@ from kiln.host.containers.spec import (
 )
 
 CTR = "/usr/bin/ctr"
+# The shim starts this for each task and gives it the task's stdout and stderr (fds 3, 4):
+# the container's output reaches the journal under its id with no process of Kiln's in between.
+LOG_URI = "binary:///usr/libexec/kiln/container-log"
 PULL_TIMEOUT = 600.0
 CALL_TIMEOUT = 60.0
 
@@ -141,25 +145,21 @@ def remove_images(rt: Runtime, refs: Sequence[str]) -> None:
 
 
 def remove_stale(rt: Runtime, cid: str) -> None:
-    """Whatever a killed manager left behind under `cid`: the task, then the container.
-    (Usually nothing: `ctr run --rm` removes both; one listing then saves two calls.)"""
-    listed = run([*base(rt), "containers", "ls", "--quiet"], check=False, timeout=CALL_TIMEOUT)
-    if listed.returncode == 0 and cid.encode() not in listed.stdout.split():
-        return
+    """Whatever a killed supervisor left behind under `cid`: the task, then the container."""
     run([*base(rt), "tasks", "kill", "--signal", "SIGKILL", cid], check=False, timeout=CALL_TIMEOUT)
     run([*base(rt), "tasks", "delete", "--force", cid], check=False, timeout=CALL_TIMEOUT)
     run([*base(rt), "containers", "delete", cid], check=False, timeout=CALL_TIMEOUT)
 
 
 def kill(rt: Runtime, cid: str, signal: str = "SIGKILL", exec_id: str | None = None,
-         timeout: float = CALL_TIMEOUT) -> None:
-    """Signal every process of container `cid`, or only the exec'd process `exec_id`."""
-    which = ["--exec-id", exec_id] if exec_id else ["--all"]
+         timeout: float = CALL_TIMEOUT, init_only: bool = False) -> None:
+    """Signal every process of container `cid`, its init alone, or only the exec'd process `exec_id`."""
+    which = ["--exec-id", exec_id] if exec_id else [] if init_only else ["--all"]
     run([*base(rt), "tasks", "kill", *which, "--signal", signal, cid], check=False, timeout=timeout)
 
 
 def tasks(rt: Runtime) -> dict[str, tuple[int, str]]:
-    """Running tasks: container id → (pid, status)."""
+    """The tasks of the namespace: container id → (pid, status: RUNNING, STOPPED, CREATED…)."""
     if not os.path.exists(rt.address):
         return {}
     proc = run([*base(rt), "tasks", "ls"], check=False, timeout=CALL_TIMEOUT)
@@ -171,16 +171,36 @@ def tasks(rt: Runtime) -> dict[str, tuple[int, str]]:
     return out
 
 
+EXIT_CODE = re.compile(r"exit with non-zero exit code (\d+)")
+
+
+def delete(rt: Runtime, cid: str) -> int | None:
+    """Delete the ended task of `cid`, then the container; the task's exit status (ctr prints
+    only a non-zero one), or None when there was no task to delete."""
+    proc = run([*base(rt), "tasks", "delete", cid], check=False, timeout=CALL_TIMEOUT)
+    err = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0 and "not found" not in err:  # still running: force it (the caller killed it)
+        proc = run([*base(rt), "tasks", "delete", "--force", cid], check=False, timeout=CALL_TIMEOUT)
+        err = proc.stderr.decode(errors="replace")
+    run([*base(rt), "containers", "delete", cid], check=False, timeout=CALL_TIMEOUT)
+    if proc.returncode != 0:
+        return None
+    found = EXIT_CODE.search(err)
+    return int(found.group(1)) if found else 0
+
+
 def run_argv(spec: Spec, persistent: Path | None = None, sources: Sequence[Path] = (),
-             env_file: Path | None = None) -> list[str]:
-    """`ctr run` for `spec`, in the foreground: the manager waits on it and restarts it.
+             env_file: Path | None = None, log_uri: str = LOG_URI) -> list[str]:
+    """`ctr run -d` for `spec`: ctr returns once the task runs; the supervisor watches the
+    task's init through a pidfd and deletes task and container when it ends (no `--rm`:
+    nothing of ours stays attached).
 
     A workload's mounts bind `sources` (the pinned sources `mounts.stage` made, in spec
     order) and its env comes from `env_file`: both are required when the spec has any.
     """
     if len(sources) != len(spec.mounts) or (spec.env and env_file is None):
         raise ValueError(f"{spec.id}: run_argv needs the staged mount sources and the env file")
-    argv = [*base(spec.runtime), "run", "--rm", "--label", f"kiln.digest={spec.digest}"]
+    argv = [*base(spec.runtime), "run", "-d", "--log-uri", log_uri, "--label", f"kiln.digest={spec.digest}"]
     if spec.network == "host":
         argv.append("--net-host")
     if spec.superpowered:

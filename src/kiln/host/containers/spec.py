@@ -31,7 +31,8 @@ class Runtime:
     state: str
 
     def init_pid(self, cid: str) -> Path:
-        """Written by the runc shim once a container's task exists (its init's pid)."""
+        """Written by the runc shim once a container's task exists (its init's pid): reading it
+        saves a `ctr tasks ls` on every start."""
         return Path(self.state) / "io.containerd.runtime.v2.task" / self.namespace / cid / "init.pid"
 
 
@@ -85,10 +86,6 @@ class Spec:
     def id(self) -> str:
         """The containerd container id: kinds share a containerd, so the kind is part of it."""
         return f"{self.kind}-{self.name}"
-
-    @property
-    def unit(self) -> str:
-        return f"kiln-container@{self.kind}:{self.name}.service"
 
     @property
     def digest(self) -> str:

@@ -1,4 +1,5 @@
-"""What each container is doing, as the manager last wrote it (read by the API and `sync`).
+"""What each container is doing, as the supervisor last wrote it (read by the API, and by a
+restarted supervisor for restart counts and the digest of what runs).
 
 One small JSON file per container under /run/kiln/containers, replaced by rename: the API
 reads them without talking to containerd, and a manager killed mid-write leaves the
@@ -17,7 +18,6 @@ from kiln.core.fs import atomic_write
 from kiln.host.containers.spec import Spec
 
 STATE_DIR = Path("/run/kiln/containers")
-BOOTED = "booted"  # written once the boot's first sync ran (kiln-containers.service)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from kiln.host.update.status import Paths
 APP_ID = uuid.UUID("5d3b0a4e-7c1f-4f38-9a61-2e8f0b6c4d17")
 MACHINE_ID = Path("/etc/machine-id")
 SYSTEMCTL = "/usr/bin/systemctl"
+CONTAINERS_UNIT = "kiln-containers.service"  # the container supervisor (kiln.host.containers.supervise)
 DRAIN_TIMEOUT = 400.0  # seconds for systemctl stop: the longest stop-timeout is 300 s
 
 
@@ -98,23 +99,17 @@ class RealHost:
     def verdict(self, version: str, max_attempts: int) -> failures.Verdict | None:
         return failures.verdicts(failures.read(self.paths.failures), max_attempts).get(version)
 
-    def _units(self, pattern: str) -> list[str]:
-        from kiln.core.run import run
-
-        out = run([SYSTEMCTL, "list-units", "--state=active", "--plain", "--no-legend", pattern], check=False)
-        return [line.split()[0] for line in out.stdout.decode().splitlines() if line.strip()]
-
     def drain(self) -> None:
-        """Workloads first, then host containers: each unit's manager gives its container
-        SIGTERM and SIGKILL after the container's stop-timeout; `systemctl stop` waits."""
+        """Stop the container supervisor: on SIGTERM it stops the workloads, then the host
+        containers (SIGTERM, SIGKILL after each one's stop-timeout), and `systemctl stop`
+        waits for that. A supervisor that is not running has nothing to drain."""
         from kiln.core.run import run
 
-        for pattern in ("kiln-container@workload:*", "kiln-container@host:*"):
-            units = self._units(pattern)
-            if units:
-                say(f"kiln-updater: draining: stopping {' '.join(units)}")
-                run([SYSTEMCTL, "stop", *units], timeout=DRAIN_TIMEOUT)
-                self._drained += units
+        active = run([SYSTEMCTL, "is-active", "--quiet", CONTAINERS_UNIT], check=False, timeout=60)
+        if active.returncode == 0:
+            say(f"kiln-updater: draining: stopping {CONTAINERS_UNIT} (workloads, then host containers)")
+            run([SYSTEMCTL, "stop", CONTAINERS_UNIT], timeout=DRAIN_TIMEOUT)
+            self._drained = [CONTAINERS_UNIT]
 
     def undrain(self) -> None:
         from kiln.core.run import run
