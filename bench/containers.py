@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Containers in a guest (TCG): settings → serving, the admin image's pull, memory of the manager
-and of the second containerd.
+"""Containers in a guest (TCG): settings → serving, the admin image's pull, memory of the
+supervisor, of each container's logger and of the second containerd.
 
 One guest (the default variant built with --debug-console, or `--image`), booted with
 `kiln.vm.qemu.Vm` / `VmConfig(accel="tcg", cpus=2, cold_reboot=True)` and user data that
@@ -17,33 +17,35 @@ Side by side in one run:
    `ctr --address /run/containerd/containerd.sock -n bench run -d --net-host REF fN
    /bin/httpd -f -p P2 -h /www`, timed from the moment the line is sent to the serial
    console until the page is served. Kiln's time is split on one clock (the guest's
-   monotonic clock, offset to the workstation's by a serial round trip): systemd starting
-   the unit (`InactiveExitTimestampMonotonic`), the manager's exec, its status file going
-   to `pulling`, its registry hosts directory appearing (the pull starts), status `starting`
-   (pull and preparation done), the `ctr run` child's start, containerd's shim start (its
-   journal), the container process's start (/proc/PID/stat) and the first HTTP 200. The
-   status files and hosts directories are watched from inside the guest with inotify (a
-   small Python process that sleeps in read(2) between events).
+   monotonic clock, offset to the workstation's by a serial round trip): the supervisor
+   (kiln-containers.service, reloaded by the settings' restart command) writing the
+   container's status `starting`, `pulling` (first use of the image only), containerd's
+   shim start (its journal), the container process's start (/proc/PID/stat), status
+   `running` (the supervisor holds a pidfd on it) and the first HTTP 200. The status files
+   and hosts directories are watched from inside the guest with inotify (a small Python
+   process that sleeps in read(2) between events).
 2. admin: `settings set host-containers.admin.enabled=true` until `GET /containers` (what
    `kiln containers` shows) says running, polled every 0.5 s in process, split the same
    way, with the host containerd's own start (it starts only when something needs it).
    Then the admin image's pull on the host containerd, `--pull-runs` times (default 3):
    with admin disabled and every copy removed (`ctr images rm --sync`: containerd's
    garbage collection has run, no blob left), `ctr … -n bench images pull --hosts-dir DIR
-   REF` (cold), the same again (already present: what every manager start pays), and
-   split into `ctr content fetch` (download) + `ctr images pull` (unpack). The image's
-   compressed and uncompressed size from its OCI layout, and its size on the guest's disk.
+   REF` (cold), the same again (already present), and split into `ctr content fetch`
+   (download) + `ctr images pull` (unpack). The image's compressed and uncompressed size
+   from its OCI layout, and its size on the guest's disk.
 3. memory: /proc/meminfo and the cgroups (memory.current, anon/file) of containerd.service,
-   kiln-host-containerd.service, every kiln-container@ unit (the Python manager and its
-   `ctr run` child) and every container, with Rss, Pss, USS (private pages) and anonymous
-   memory of each process (smaps_rollup): before and after enabling admin, and with the
-   workloads and the floor's containers running. Then the CPU the same units, processes
-   and containers use over 30 idle seconds (cpu.stat, /proc/PID/stat), in % of one vCPU.
+   kiln-host-containerd.service, kiln-containers.service (the supervisor) and every
+   container, with Rss, Pss, USS (private pages) and anonymous memory of each process
+   (smaps_rollup): before and after enabling admin, and with the workloads and the floor's
+   containers running. Kiln's memory per container is its logger (`sh` + 2 × `cat`, started
+   by the shim, in containerd's cgroup) plus the supervisor's growth per container. Then
+   the CPU the same units, processes and containers use over 30 idle seconds (cpu.stat,
+   /proc/PID/stat), in % of one vCPU.
 
-Attribution probes in the idle guest (median of 3) time the manager's interpreter start,
-the API's restart command (`sync workload`), one `ctr` call, a pull of a present image and
-the three `ctr` calls the manager makes before each `ctr run`; on the workstation, a
-`kiln settings set` of a key that starts no container.
+Attribution probes in the idle guest (median of 3) time the settings' restart command (a
+reload of the supervisor with nothing to change), one `ctr` call and the `ctr tasks ls` the
+supervisor makes after each start; on the workstation, a `kiln settings set` of a key that
+starts no container.
 
 Writes bench/results/containers.json; the serial console and the guest journal go to
 bench/.cache/logs/containers-*.txt. Run as root (kiln build).
@@ -222,10 +224,7 @@ def cgroup(path):
     r["procs"] = [proc(p) for p in procs]
     return r
 units = {}
-listed = subprocess.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "kiln-container@*"],
-                        capture_output=True, text=True).stdout.split()
-names = sys.argv[1:] + [w for w in listed if w.startswith("kiln-container@") and w.endswith(".service")]
-for u in names:
+for u in sys.argv[1:]:
     v = dict(l.split("=", 1) for l in subprocess.run(["systemctl", "show", u, "-pControlGroup", "-pActiveState",
              "-pMemoryCurrent"], capture_output=True, text=True).stdout.splitlines() if "=" in l)
     units[u] = {"state": v.get("ActiveState"), "memory_current": int(v["MemoryCurrent"])
@@ -273,10 +272,8 @@ def usage(path):
             except OSError:
                 pass
     return {"usage_s": int(stat["usage_usec"]) / 1e6, "procs": procs}
-listed = subprocess.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "kiln-container@*"],
-                        capture_output=True, text=True).stdout.split()
 out = {}
-for name in sys.argv[1:] + [w for w in listed if w.startswith("kiln-container@") and w.endswith(".service")]:
+for name in sys.argv[1:]:
     if name.startswith("/"):
         out[name] = usage(name)
         continue
@@ -288,7 +285,10 @@ print(json.dumps({"now": float(open("/proc/uptime").read().split()[0]), "cgroups
 
 SCRIPTS = {"tracer": TRACER, "timer": TIMER, "facts": FACTS, "memory": MEMORY, "cpu": CPU}
 IDLE_S = 30.0  # the window idle CPU is measured over
-SERVICES = ("containerd.service", "kiln-host-containerd.service", "kiln-apiserver.service", "kiln-api-remote.service")
+SUPERVISOR = "kiln-containers.service"
+# The API's units before and after the host agent (a unit that does not exist is left out).
+SERVICES = ("containerd.service", "kiln-host-containerd.service", SUPERVISOR, "kiln-apiserver.service",
+            "kiln-api-remote.service", "kiln-agent.service")
 
 
 # ------------------------------------------------------------------ helpers
@@ -398,9 +398,13 @@ class Guest:
             "| grep 'starting signal loop' || true", timeout=120))
 
     def journal(self) -> str:
-        return self.vm.check("journalctl -o short-monotonic --no-pager -u 'kiln-container@*' -u containerd.service "
-                             "-u kiln-host-containerd.service -u kiln-apiserver.service -u kiln-api-remote.service",
-                             timeout=120)
+        units = self.vm.check("journalctl -o short-monotonic --no-pager -u kiln-containers.service "
+                              "-u containerd.service -u kiln-host-containerd.service -u kiln-apiserver.service "
+                              "-u kiln-api-remote.service -u kiln-agent.service", timeout=120)
+        # the containers' own entries (output and the supervisor's lines), by identifier
+        ids = self.vm.check("journalctl -o short-monotonic --no-pager -t host-admin "
+                            "-t workload-w1 -t workload-w2 -t workload-w3", timeout=120)
+        return units + ids
 
 
 class Waiter(threading.Thread):
@@ -429,14 +433,13 @@ def shim_starts(journal: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ 1. settings → serving
-def timeline(t0: float, off: float, facts: dict[str, Any], unit: str, events: list[dict[str, Any]], cid: str,
+def timeline(t0: float, off: float, facts: dict[str, Any], events: list[dict[str, Any]], cid: str,
              shim: float | None) -> dict[str, float | None]:
     """Guest events of one Kiln container, in seconds after `t0` (workstation monotonic)."""
 
     def rel(guest_t: float | None) -> float | None:
         return None if guest_t is None else guest_t - off - t0
 
-    u = facts["units"].get(unit, {})
     mine = [e for e in events if e["name"] in (f"{cid}.json", f"hosts-{cid}") and e["t"] - off >= t0 - 1]
 
     def first(name: str, state: str | None = None) -> float | None:
@@ -445,27 +448,19 @@ def timeline(t0: float, off: float, facts: dict[str, Any], unit: str, events: li
                 return float(e.get("since_mono") or e["t"])
         return None
 
-    ctr_run = [p["start"] for p in u.get("procs", []) if p["argv"][:1] == ["/usr/bin/ctr"] and "run" in p["argv"]]
     return {
-        "unit_start": rel(u.get("InactiveExitTimestampMonotonic")),
-        "manager_exec": rel(u.get("ExecMainStartTimestampMonotonic")),
-        "status_pulling": rel(first(f"{cid}.json", "pulling")),
+        "status_starting": rel(first(f"{cid}.json", "starting")),  # the supervisor's plan started it
+        "status_pulling": rel(first(f"{cid}.json", "pulling")),  # first use of the image only
         "pull_start": rel(first(f"hosts-{cid}")),
-        "status_starting": rel(first(f"{cid}.json", "starting")),  # pulled: clean-up, then ctr run
-        "status_running": rel(first(f"{cid}.json", "running")),  # the shim wrote the task's init.pid
-        "ctr_run_start": rel(min(ctr_run) if ctr_run else None),
         "shim_start": rel(shim),
         "task_start": rel(facts.get("task", {}).get("start")),
+        "status_running": rel(first(f"{cid}.json", "running")),  # pid read, pidfd open, task listed
     }
 
 
 KILN_SEGMENTS = (
-    ("CLI start + API apply + sync, until systemd starts the unit", None, "unit_start"),
-    ("manager: interpreter start, imports, settings read", "unit_start", "status_pulling"),
-    ("manager: containerd check (systemctl start), resolv.conf", "status_pulling", "pull_start"),
-    ("ctr images pull (+ preparation)", "pull_start", "status_starting"),
-    ("leftover check (ctr containers ls; clean-up only if one was left)", "status_starting", "ctr_run_start"),
-    ("ctr run → shim up", "ctr_run_start", "shim_start"),
+    ("CLI start + API apply + reload, until the supervisor starts it", None, "status_starting"),
+    ("supervisor: prepare, ctr run -d (pull on first use) → shim up", "status_starting", "shim_start"),
     ("shim up → container process started", "shim_start", "task_start"),
     ("process start → first HTTP 200 seen", "task_start", "serving"),
 )
@@ -499,9 +494,9 @@ def kiln_workload(g: Guest, name: str, guest_port: int, host_port: int, ref: str
     w.join(120)
     if w.proc.returncode != 0:
         raise RuntimeError(f"kiln settings set failed: {w.err.strip()[-2000:]}")
-    unit, cid = f"kiln-container@workload:{name}.service", f"workload-{name}"
-    facts = g.facts([unit], WORKLOAD_SOCK, "kiln", cid)
-    t = timeline(t0, off, facts, unit, g.trace(), cid, g.shims().get(f"kiln/{cid}"))
+    cid = f"workload-{name}"
+    facts = g.facts([], WORKLOAD_SOCK, "kiln", cid)
+    t = timeline(t0, off, facts, g.trace(), cid, g.shims().get(f"kiln/{cid}"))
     t["serving"] = served
     t["cli_returned"] = span(t0, w.ended)
     return {"name": name, "port": guest_port, "served_s": served, "cli_s": t["cli_returned"], "events_s": t,
@@ -540,12 +535,10 @@ def floor_workload(g: Guest, name: str, guest_port: int, host_port: int, ref: st
 
 # ------------------------------------------------------------------ 2. admin
 ADMIN_SEGMENTS = (
-    ("CLI start + API apply + sync, until systemd starts the unit", None, "unit_start"),
-    ("manager: interpreter start, imports, settings read", "unit_start", "status_pulling"),
-    ("manager: host containerd started (systemctl start), resolv.conf", "status_pulling", "pull_start"),
-    ("ctr images pull (cold) + preparation", "pull_start", "status_starting"),
-    ("leftover check", "status_starting", "ctr_run_start"),
-    ("ctr run → shim up", "ctr_run_start", "shim_start"),
+    ("CLI start + API apply + reload, until the supervisor starts it", None, "status_starting"),
+    ("supervisor: host containerd started (systemctl start), prepare, ctr run -d", "status_starting",
+     "status_pulling"),
+    ("ctr images pull (cold) + ctr run -d → shim up", "status_pulling", "shim_start"),
     ("shim up → container init started", "shim_start", "task_start"),
 )
 
@@ -568,14 +561,14 @@ def admin_enable(g: Guest) -> dict[str, Any]:
         if time.monotonic() - t0 > SERVE_TIMEOUT:
             raise TimeoutError(f"admin not running after {SERVE_TIMEOUT:.0f} s: {g.containers()}")
     w.join(120)
-    unit, cid = "kiln-container@host:admin.service", "host-admin"
+    cid = "host-admin"
     facts: dict[str, Any] = {}
     for _ in range(30):  # the task's start time comes from ctr: wait until it lists it
-        facts = g.facts([unit, "kiln-host-containerd.service"], HOST_SOCK, "kiln", cid)
+        facts = g.facts(["kiln-host-containerd.service"], HOST_SOCK, "kiln", cid)
         if "task" in facts:
             break
         time.sleep(1)
-    t = timeline(t0, off, facts, unit, g.trace(), cid, g.shims().get(f"kiln/{cid}"))
+    t = timeline(t0, off, facts, g.trace(), cid, g.shims().get(f"kiln/{cid}"))
     hc = facts["units"].get("kiln-host-containerd.service", {})
     t["host_containerd_start"] = None if hc.get("InactiveExitTimestampMonotonic") is None else (
         hc["InactiveExitTimestampMonotonic"] - off - t0)
@@ -686,13 +679,30 @@ def median_of(entries: Sequence[dict[str, Any] | None], keys: Sequence[str]) -> 
     return {k: B.median([e.get(k) for e in entries if e]) for k in keys}
 
 
+def loggers(unit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The containers' loggers in a containerd's cgroup (the shim starts them there): `sh` (the
+    container-log script's `sh -c 'cat <&3 & cat <&4; wait'`) and its two `cat`s, summed, with
+    how many there are (one `sh` each)."""
+    if unit is None:
+        return None
+    sh, cat = unit["by_program"].get("sh"), unit["by_program"].get("cat")
+    if not sh:
+        return None
+    return {"count": sh["count"], **{k: sh[k] + (cat[k] if cat else 0) for k in MEASURES}}
+
+
 def memory_view(m: dict[str, Any]) -> dict[str, Any]:
-    """The second containerd, one manager and one container, from the three snapshots."""
+    """The second containerd, the supervisor, each container's logger, from the three snapshots."""
     b0, b1, b2 = m["before_admin"], m["with_admin"], m["with_workloads"]
     hc, cd = b1["units"].get("kiln-host-containerd.service"), b1["units"].get("containerd.service")
-    admin_mgr = b1["units"].get("kiln-container@host:admin.service")
-    wl_mgrs = [u for n, u in b2["units"].items() if n.startswith("kiln-container@workload:") and u]
     cd2 = b2["units"].get("containerd.service")
+    sup1, sup2 = b1["units"].get(SUPERVISOR), b2["units"].get(SUPERVISOR)
+    wl_loggers = loggers(cd2)
+    n = wl_loggers["count"] if wl_loggers else 0
+    per_logger = None if not wl_loggers else {k: wl_loggers[k] / n for k in MEASURES}
+    growth = None if not (sup1 and sup2 and n) else {k: (sup2[k] - sup1[k]) / n for k in MEASURES}
+    per_container = None if per_logger is None else {
+        k: per_logger[k] + max(0.0, growth[k] if growth else 0.0) for k in MEASURES}
     cgs = ("memory_current", "anon", "file")
     return {
         "guest used before admin": b0["used"],
@@ -701,37 +711,37 @@ def memory_view(m: dict[str, Any]) -> dict[str, Any]:
         "guest used delta, admin enabled": b1["used"] - b0["used"],
         "guest MemAvailable delta, admin enabled": b0["available"] - b1["available"],
         "guest used delta, the workloads (kiln and floor)": b2["used"] - b1["used"],
-        "host containerd cgroup (with admin's shim)": None if hc is None else {k: hc[k] for k in (*cgs, *MEASURES)},
+        "host containerd cgroup (with admin's shim and logger)": None if hc is None else {
+            k: hc[k] for k in (*cgs, *MEASURES)},
         "host containerd process": program(hc, "containerd"),
         "admin's shim": program(hc, "containerd-shim-runc-v2"),
+        "admin's logger (sh + 2 cat)": loggers(hc),
         "workload containerd cgroup, same moment (no container)": None if cd is None else {
             k: cd[k] for k in (*cgs, *MEASURES)},
         "workload containerd process, same moment": program(cd, "containerd"),
-        "admin manager unit": None if admin_mgr is None else {k: admin_mgr[k] for k in (*cgs, *MEASURES)},
-        "admin manager: python": program(admin_mgr, "kiln.host.containers"),
-        "admin manager: ctr run": program(admin_mgr, "ctr"),
-        "admin container cgroup": next((v for n, v in b1["containers"].items() if n.endswith("/host-admin")), None),
-        "workload manager unit (median)": median_of(wl_mgrs, (*cgs, *MEASURES)),
-        "workload manager: python (median)": median_of([program(u, "kiln.host.containers") for u in wl_mgrs],
-                                                       MEASURES),
-        "workload manager: ctr run (median)": median_of([program(u, "ctr") for u in wl_mgrs], MEASURES),
+        "supervisor (kiln-containers.service), admin running": None if sup1 is None else {
+            k: sup1[k] for k in (*cgs, *MEASURES)},
+        "supervisor, with the workloads": None if sup2 is None else {k: sup2[k] for k in (*cgs, *MEASURES)},
+        "supervisor growth per workload": growth,
+        "workload logger (sh + 2 cat), per container": per_logger,
+        "Kiln per running container (logger + supervisor growth)": per_container,
+        "admin container cgroup": next((v for n_, v in b1["containers"].items() if n_.endswith("/host-admin")), None),
         "workload shim (median)": median_of(cd2["shims"] if cd2 else [], MEASURES),
         "workload container cgroup (median)": median_of(
-            [v for n, v in b2["containers"].items() if n.startswith("workload/")], cgs),
-        "managers": len(wl_mgrs),
+            [v for n_, v in b2["containers"].items() if n_.startswith("workload/")], cgs),
+        "kiln workloads": n,
     }
 
 
 def idle_cpu(c0: dict[str, Any], c1: dict[str, Any]) -> dict[str, Any]:
-    """CPU used while nothing was asked of the guest, in % of one vCPU: per unit, per
-    program in the manager units (median over the workload managers), per container."""
+    """CPU used while nothing was asked of the guest, in % of one vCPU: per unit (the supervisor's
+    among them), per program in each unit, per container."""
     dt = float(c1["now"]) - float(c0["now"])
 
     def pct(a: float, b: float) -> float:
         return 100.0 * (b - a) / dt
 
     out: dict[str, Any] = {"window_s": dt, "units": {}, "containers": {}}
-    managers: list[dict[str, float]] = []
     for name, e1 in c1["cgroups"].items():
         e0 = c0["cgroups"].get(name)
         if not e0 or not e1:
@@ -748,10 +758,6 @@ def idle_cpu(c0: dict[str, Any], c1: dict[str, Any]) -> dict[str, Any]:
             label = next(iter(prog))
             entry["programs"][label] = entry["programs"].get(label, 0.0) + pct(p0["cpu_s"], p1["cpu_s"])
         out["units"][name] = entry
-        if name.startswith("kiln-container@workload:"):
-            managers.append({"total": entry["total"], **entry["programs"]})
-    out["workload manager (median)"] = {k: B.median([m.get(k) for m in managers])
-                                        for k in ("total", "kiln.host.containers", "ctr")}
     out["workload container (median)"] = B.median(
         [v for k, v in out["containers"].items() if "/kiln/workload-" in k or "/bench/" in k])
     return out
@@ -762,14 +768,10 @@ def probes(g: Guest, httpd_ref: str) -> dict[str, float | None]:
     wl = f"ctr --address {WORKLOAD_SOCK} -n kiln"
     guest = {
         "python3 -I -c pass": "python3 -I -c pass",
-        "manager start + imports (import kiln.host.containers.manager)":
-            "python3 -I -c 'import kiln.host.containers.manager'",
-        "the API's restart command, nothing to change (sync workload)":
-            "python3 -I -m kiln.host.containers sync workload",
+        "the settings' restart command, nothing to change (reload of the supervisor)":
+            f"systemctl --no-block try-reload-or-restart {SUPERVISOR}",
         "one ctr call (ctr version)": f"{wl} version",
-        "systemctl start containerd.service (already running)": "systemctl start containerd.service",
-        "ctr images pull of a present image (httpd)": f"{wl} images pull --hosts-dir {HOSTS_DIR} {httpd_ref}",
-        "the leftover check before each ctr run (ctr containers ls)": f"{wl} containers ls --quiet",
+        "the pid check after pidfd_open (ctr tasks ls)": f"{wl} tasks ls",
     }
     out: dict[str, float | None] = {}
     for label, cmd in guest.items():
@@ -969,7 +971,7 @@ def report(r: dict[str, Any]) -> str:
     rows += [["admin's init process started", B.fmt_s(a["task_started_s"], 2)],
              [f"GET /containers says running (polled every {LIST_POLL_S} s)", B.fmt_s(a["listed_running_s"], 2)],
              ["  kiln settings set returned", B.fmt_s(a["cli_s"], 2)],
-             ["  host containerd start (inside the manager's step)", B.fmt_s(a["host_containerd_start_s"], 2)],
+             ["  host containerd start (inside the supervisor's start)", B.fmt_s(a["host_containerd_start_s"], 2)],
              ["by hand: cold ctr pull + ctr run -d to process start (medians)", B.fmt_s(d["admin"]["by_hand_s"], 2)]]
     lines.append(B.table(rows, ["", "time"]))
     lines.append(f"init started / by hand: {B.fmt_ratio(d['admin']['ratio init started / by hand'])}; "
@@ -991,20 +993,20 @@ def report(r: dict[str, Any]) -> str:
         if isinstance(e, dict):
             rows.append([label, *(B.fmt_mib(e.get(k)) if e.get(k) is not None else "" for k in
                                   ("memory_current", "anon", "rss", "pss", "uss"))])
-    lines.append(B.table(rows, ["", "memory.current", "anon", "RSS", "PSS", "USS"]))
+    lines.append(B.table(rows, ["", "memory.current", "anon", "RSS", "PSS", "USS"]))  # dict rows only
     lines.append(f"guest used memory (total − free − buffers − cache): {B.fmt_mib(m['guest used before admin'])}"
                  f" → {B.fmt_mib(m['guest used with admin'])} with admin "
                  f"(+{B.fmt_mib(m['guest used delta, admin enabled'])}; MemAvailable −"
                  f"{B.fmt_mib(m['guest MemAvailable delta, admin enabled'])}) → "
-                 f"{B.fmt_mib(m['guest used with the workloads'])} with {m['managers']} kiln workloads "
+                 f"{B.fmt_mib(m['guest used with the workloads'])} with {m['kiln workloads']} kiln workloads "
                  f"and the floor's containers")
+    per, shim = m["Kiln per running container (logger + supervisor growth)"], m["workload shim (median)"]
+    if per:
+        lines.append(f"Kiln per running container beyond the shim: {B.fmt_mib(per['rss'])} RSS, "
+                     f"{B.fmt_mib(per['pss'])} PSS, {B.fmt_mib(per['anon'])} anonymous (target ≤ 3 MiB); "
+                     f"the shim itself: {B.fmt_mib(shim.get('rss'))} RSS")
     c = d["idle_cpu_percent"]
-    rows = [[name, f"{e['total']:.2f} %"] for name, e in c["units"].items()
-            if not name.startswith("kiln-container@workload:")]
-    wm = c["workload manager (median)"]
-    rows.append(["one workload manager unit (median)", "-" if wm["total"] is None else f"{wm['total']:.2f} %"])
-    for prog in ("kiln.host.containers", "ctr"):
-        rows.append([f"  of which {prog}", "-" if wm[prog] is None else f"{wm[prog]:.2f} %"])
+    rows = [[name, f"{e['total']:.2f} %"] for name, e in c["units"].items()]
     wc = c["workload container (median)"]
     rows.append(["one httpd container (median)", "-" if wc is None else f"{wc:.2f} %"])
     lines += ["", B.table(rows, [f"idle CPU over {c['window_s']:.0f} s (% of one vCPU)", ""])]
