@@ -204,13 +204,11 @@ def configure_systemd(root: Path, variant: Variant, debug_console: bool) -> None
     run(["systemctl", f"--root={root}", "preset-all"])
     units = [
         *variant.enable_units,
-        "kiln-mark-successful-boot.service",
-        "kiln-grow-data.service",
-        "kiln-apiserver.socket",
-        "kiln-api-remote.service",
+        "kiln-agent.socket",
+        "kiln-agent.service",
+        "kiln-ready.target",
         "kiln-lockdown.service",
         "kiln-containers.service",
-        "kiln-updater.service",
     ]
     if debug_console:
         units.append("kiln-debug-shell.service")

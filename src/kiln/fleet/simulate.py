@@ -2,7 +2,7 @@
 
 Every simulated host runs the real update daemon (`kiln.host.update.daemon.Updater`) on a
 virtual clock: an event queue (heapq) holds, per host, when its daemon looks again, and
-each event is one `Updater.step()`, as `kiln-updater.service` runs it. What is simulated
+each event is one `Updater.step()`, as the host agent runs it. What is simulated
 is only what lies outside the daemon:
 
 - the host (`SimHost`, the daemon's HostPort and StateStore): `refresh` and `prepare` ask

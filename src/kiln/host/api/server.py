@@ -1,9 +1,10 @@
 """The API transport: HTTP/1.1 on the local Unix socket and, optionally, HTTPS with client certs.
 
-The local server is socket-activated (kiln-apiserver.socket owns /run/kiln/api.sock, mode
-0660, group `api`), so clients connect at once while Python starts. The remote listener
-(kiln-api-remote.service) serves the same routes over TLS, requiring a client certificate
-from the fleet CA; the certificate's role decides what the client may do.
+The local socket belongs to kiln-agent.socket (/run/kiln/api.sock, mode 0660, group `api`),
+so clients connect at once while the agent starts or restarts. The remote listener serves
+the same routes over TLS, requiring a client certificate from the fleet CA; the
+certificate's role decides what the client may do. Both run in the host agent
+(kiln.host.agent); `python3 -m kiln.host.api.server [--remote]` runs one alone.
 
 Both are threaded stdlib servers: requests are short, the datastore serialises writers, and
 a slow or broken client costs one thread until its timeout, never the server.
@@ -33,7 +34,7 @@ from kiln.host.api.routes import MAX_BODY, Api, ApiError, Request, role_refusal
 from kiln.host.datastore import Datastore
 
 if TYPE_CHECKING:
-    from kiln.host.update.control import UpdateControl
+    from kiln.host.update.control import Launcher, UpdateControl
 
 log = logging.getLogger("kiln.api")
 SOCKET = Path("/run/kiln/api.sock")
@@ -372,7 +373,43 @@ def remote_config(path: Path = REMOTE_CONFIG) -> dict[str, Any] | None:
     return cfg
 
 
+def make_api(store: Datastore | None = None, launch: Launcher | None = None) -> Api:
+    """The routes over the host's datastore, render cache and update control: one `Api`
+    serves the local socket and the mTLS listener alike. `launch` runs update commands
+    (the agent: a thread of its own; default: a process per command)."""
+    from kiln.host.render.cache import RenderCache
+
+    def updates() -> UpdateControl:
+        from kiln.host.update.control import UpdateControl
+
+        return UpdateControl() if launch is None else UpdateControl(launch=launch)
+
+    return Api(store or Datastore(), reboot=_reboot, cache=RenderCache(), updates=updates)
+
+
+def remote_server(api: Api, config: Path = REMOTE_CONFIG, address: str | None = None) -> RemoteServer | None:
+    """The mTLS listener per the rendered `config`, bound; None when it is off."""
+    cfg = remote_config(config)
+    if cfg is None:
+        return None
+    from kiln.host.api.tls import CRL_FILE, server_context
+
+    # The CRL is rendered beside the config, and followed without a restart.
+    ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"], crl_file=config.with_name(CRL_FILE.name))
+    port = int(cfg.get("port") or DEFAULT_REMOTE_PORT)
+    if address:
+        server = RemoteServer(api, ctx, address, port)
+    else:
+        try:
+            server = RemoteServer(api, ctx, "::", port)
+        except OSError:  # no IPv6 on this host
+            server = RemoteServer(api, ctx, "0.0.0.0", port)
+    log.info("remote API listening on port %d (mutual TLS)", server.server_address[1])
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """One server on its own (tests, development); on a host both run in kiln.host.agent."""
     p = argparse.ArgumentParser(prog="kiln-apiserver")
     p.add_argument("--socket", type=Path, default=SOCKET)
     p.add_argument("--datastore", type=Path, default=None)
@@ -381,35 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="the remote listener's address (default: every one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    store = Datastore(args.datastore) if args.datastore else Datastore()
-    from kiln.host.render.cache import RenderCache
-
-    def updates() -> UpdateControl:
-        from kiln.host.update.control import UpdateControl
-
-        return UpdateControl()
-
-    api = Api(store, reboot=_reboot, cache=RenderCache(), updates=updates)
-    server: socketserver.BaseServer
+    api = make_api(Datastore(args.datastore) if args.datastore else None)
+    server: socketserver.BaseServer | None
     if args.remote:
-        cfg = remote_config(args.remote_config)
-        if cfg is None:
+        server = remote_server(api, args.remote_config, args.address)
+        if server is None:
             log.info("remote API disabled (no node TLS material in settings.api.remote)")
             return 0
-        from kiln.host.api.tls import CRL_FILE, server_context
-
-        # The CRL is rendered beside the config, and followed without a restart.
-        crl_file = args.remote_config.with_name(CRL_FILE.name)
-        ctx = server_context(cfg["ca"], cfg["certificate"], cfg["key"], crl_file=crl_file)
-        port = int(cfg.get("port") or DEFAULT_REMOTE_PORT)
-        if args.address:
-            server = RemoteServer(api, ctx, args.address, port)
-        else:
-            try:
-                server = RemoteServer(api, ctx, "::", port)
-            except OSError:  # no IPv6 on this host
-                server = RemoteServer(api, ctx, "0.0.0.0", port)
-        log.info("remote API listening on port %d (mutual TLS)", server.server_address[1])
     else:
         server = LocalServer(api, args.socket, activated_fd())
     serve(server)

@@ -1,4 +1,4 @@
-"""The boot's settings pipeline, in order, in one process (kiln-settings.service):
+"""The boot's settings pipeline, in order, first thing in the host agent (kiln-agent.service):
 
     migrate       the datastore follows the OS version (after an update or a rollback)
     storewolf     datastore exists, this image's definitions, defaults into the launch tx
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +91,35 @@ def migrate_datastore(store_root: Path, version: str, paths: Paths | None = None
     return ran
 
 
-def main() -> int:
-    record = run()
-    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(TIMINGS, json.dumps(record, indent=1).encode() + b"\n")
+def boot(timings: Path = TIMINGS) -> str | None:
+    """The boot's run: every step, its record in `timings`, problems on the console.
+    Returns why the host cannot be healthy (the gate fails with it), or None."""
+    try:
+        record = run()
+    except Exception as e:  # whatever broke, the gate must say it, not a traceback
+        traceback.print_exc()
+        return f"the settings pipeline failed: {e}"
+    timings.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(timings, json.dumps(record, indent=1).encode() + b"\n")
     steps = " ".join(f"{k}={v:.2f}s" for k, v in record["steps"].items())
     print(f"kiln: settings pipeline {record['total']:.2f}s ({steps})", flush=True)
     applied = record["apply"] if isinstance(record["apply"], dict) else {}
-    for problem in applied.get("failed_restarts", []):  # a bad value must not block every boot
-        say(f"kiln: settings applied, but {problem}")
-    for problem in applied.get("errors", []):  # an image whose files do not render is not healthy
-        say(f"kiln: {problem}")
-    return 1 if applied.get("errors") else 0
+    for failed in applied.get("failed_restarts", []):  # a bad value must not block every boot
+        say(f"kiln: settings applied, but {failed}")
+    for error in applied.get("errors", []):  # an image whose files do not render is not healthy
+        say(f"kiln: {error}")
+    return problem(record)
+
+
+def problem(record: dict[str, Any]) -> str | None:
+    """Why a recorded run leaves the host unhealthy (a file that did not render), or None."""
+    applied = record.get("apply")
+    errors = (applied.get("errors") if isinstance(applied, dict) else None) or []
+    return f"settings did not render: {errors[0]}" if errors else None
+
+
+def main() -> int:
+    return 1 if boot() else 0
 
 
 if __name__ == "__main__":

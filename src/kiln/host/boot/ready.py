@@ -113,15 +113,15 @@ def _live_settings() -> dict[str, Any]:
 
 
 def gate(slots: Slots, st: SlotState, paths: Paths, version: str, *, settings: dict[str, Any] | None = None,
-         wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot) -> bool:
+         wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot, broken: str | None = None) -> bool:
     """The health gate; on failure of a version never marked successful, reboot into
     the other slot when it would boot. Returns True when healthy. (`settings`, `wait` and
-    `reboot` default to the host's: tests pass their own.)"""
+    `reboot` default to the host's: tests pass their own; `broken` fails it at once.)"""
     import json
 
     from kiln.core.fs import atomic_write
 
-    reason = wait(health.Check.from_settings(_live_settings() if settings is None else settings))
+    reason = broken or wait(health.Check.from_settings(_live_settings() if settings is None else settings))
     if reason is None:
         return True
     slot = slots.active or "A"
@@ -137,7 +137,7 @@ def gate(slots: Slots, st: SlotState, paths: Paths, version: str, *, settings: d
 
 def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any] | None = None,
             wait: Wait = health.wait_healthy, reboot: Callable[[], None] = _reboot,
-            skipped: str | None = None) -> bool:
+            skipped: str | None = None, broken: str | None = None) -> bool:
     """Everything between the boot and the ready line: repair an unreadable grubenv,
     report a fallback, pass the health gate, mark the slot successful. True when marked."""
     slot = slots.active or "A"
@@ -148,30 +148,37 @@ def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any
         say(f"kiln: grubenv was unreadable ({e}); rewrote it: slot {slot} good, the other slot cleared")
     report_fallback(slots, st, paths, version, skipped)
     st = slots.state()
-    if not gate(slots, st, paths, version, settings=settings, wait=wait, reboot=reboot):
+    if not gate(slots, st, paths, version, settings=settings, wait=wait, reboot=reboot, broken=broken):
         return False
     slots.apply("mark-successful-boot")
     write_versions(paths, {slot: version})
     return True
 
 
-def main() -> int:
+def boot_gate(broken: str | None = None) -> bool:
+    """The boot's gate on a real host, once kiln-ready.target has finished starting: True
+    when the slot was marked successful and the ready line printed. `broken` is why the
+    host cannot be healthy whatever the checks say (the settings pipeline failed)."""
     slot = booted_slot()
     if slot is None:
         print("kiln: not booted through Kiln's boot chain (no kiln.slot=)", file=sys.stderr)
-        return 1
+        return False
     version = os_release().get("version_id", "?")
     try:
-        if not confirm(Slots.open(active=slot), Paths(), version, skipped=skipped_slot()):
-            return 1
+        if not confirm(Slots.open(active=slot), Paths(), version, skipped=skipped_slot(), broken=broken):
+            return False
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)
-        return 1
+        return False
     # The serial getty may hang up /dev/ttyS0 users; /dev/console always reaches the log.
     with open("/dev/console", "w") as console:
         print(ready_line(os_release(), slot), file=console, flush=True)
         print(status_line(), file=console, flush=True)
-    return 0
+    return True
+
+
+def main() -> int:
+    return 0 if boot_gate() else 1
 
 
 if __name__ == "__main__":

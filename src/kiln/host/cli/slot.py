@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     helps = {
         "status": "show both slots and the next boot",
         "has-boot-ever-succeeded": "true once any boot was marked successful",
-        "mark-successful-boot": "confirm the running slot (done by kiln-mark-successful-boot.service)",
+        "mark-successful-boot": "confirm the running slot (done by the host agent at boot)",
         "clear-inactive": "make the other slot unbootable before writing it",
         "mark-inactive-valid": "give the freshly written other slot one try",
         "upgrade-to-inactive": "boot the other slot next (it must be cleared and marked valid)",

@@ -119,7 +119,7 @@ class Datastore:
     def version_dir(self) -> Path:
         cur = self.root / "current"
         if not cur.is_dir():
-            raise DatastoreError(f"no datastore at {self.root} (kiln-settings.service creates it at boot)")
+            raise DatastoreError(f"no datastore at {self.root} (the host agent creates it at boot)")
         return cur
 
     def _writing(self) -> contextlib.AbstractContextManager[None]:

@@ -120,7 +120,7 @@ class Updates(_S):
     # Version.parse's grammar (kiln.host.update.manifest): ASCII digits, at most 9 a part.
     version_lock: Annotated[str, Meta(pattern=r"^(latest|v?[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9})\Z")] | None = None
     ignore_waves: bool | None = None
-    # The update daemon (kiln-updater.service): manual = nothing automatic.
+    # The update daemon (in the host agent): manual = nothing automatic.
     strategy: Literal["manual", "immediate", "fleet-lock"] | None = None
     check_interval: Interval | None = None
     fleet_lock: FleetLock | None = None

@@ -1,10 +1,13 @@
 """What the API server does for update requests: report the status, start commands.
 
-Commands run in their own process (`python3 -m kiln.host.update.agent CMD`), as
-thar-be-updates forks updog: a prepare takes minutes and must not tie up the server or
-die with it. The server takes the update lock first and hands the locked file to the
-process, so a second request is refused (423) at once and a refused state (409) is
-reported before anything starts. The caller polls `GET /updates/status`.
+A prepare takes minutes and must not tie up a request. In the host agent a command runs
+on a thread of its own (`in_thread`): no interpreter start, no second import of tuf, and
+the update daemon's commands run in the same process under the same lock. The standalone
+API server (tests, development) starts `python3 -m kiln.host.update.agent CMD` instead
+(`spawn`), as thar-be-updates forks updog. Either way the server takes the update lock
+first and hands the locked file over, so a second request is refused (423) at once and a
+refused state (409) is reported before anything starts. The caller polls
+`GET /updates/status`; a command cut off by a crash is reconciled from the status file.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -34,6 +39,27 @@ def spawn(command: str, lock_fd: int) -> None:
         )
     finally:
         os.close(lock_fd)  # the child holds its own copy of the locked file
+
+
+def in_thread(command: str, lock_fd: int) -> None:
+    """Run the command on a thread of this process, holding the lock until it ends."""
+
+    def work() -> None:
+        from kiln.core.errors import KilnError
+        from kiln.host.update.agent import from_host
+
+        try:
+            st = from_host().run(command)
+            print(f"kiln update {command}: {st.update_state}: {st.reason or 'ok'}", flush=True)
+        except KilnError as e:
+            print(f"kiln update {command}: {e}", file=sys.stderr, flush=True)
+        except Exception:  # a bug here must not take the host agent down
+            print(f"kiln update {command}: internal error", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        finally:
+            os.close(lock_fd)
+
+    threading.Thread(target=work, name=f"update-{command}", daemon=True).start()
 
 
 class UpdateControl:

@@ -1,4 +1,4 @@
-"""The update daemon (kiln-updater.service): Zincati's and brupop-agent's job on a Kiln host.
+"""The update daemon (a thread of kiln-agent.service): Zincati's and brupop-agent's job on a Kiln host.
 
 Every `check-interval` (±10 % jitter, so a fleet does not poll in step) it checks the
 repository; a release this host may take (waves, version lock, failures here: the

@@ -1,10 +1,11 @@
-"""kiln-updater.service: the update daemon on a real host (`python3 -m kiln.host.update.updater`).
+"""The update daemon on a real host: a thread of the host agent (kiln.host.agent), or
+`python3 -m kiln.host.update.updater` on its own.
 
 `RealHost` is the daemon's HostPort on a running Kiln host: the live settings, the slots,
 the update agent's commands run in this process under the update lock (so `kiln update
-…` from the API and the daemon never run at once), the container units, and systemd's
-reboot. Between passes it sleeps in one blocking wait (no CPU); SIGHUP (the settings
-renderer's reload when settings.updates changes) wakes it at once.
+…` from the API and the daemon never run at once), the containers, and systemd's reboot.
+Between passes `Loop` sleeps in one blocking wait (no CPU); a change of settings.updates
+(the agent's reload, or SIGHUP when run alone) wakes it at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kiln.host.update.status import Paths
 # reboots and updates. (Zincati's own key is de35106b6ec24688b63afddaa156679b.)
 APP_ID = uuid.UUID("5d3b0a4e-7c1f-4f38-9a61-2e8f0b6c4d17")
 MACHINE_ID = Path("/etc/machine-id")
+CONFIG = Path("/etc/kiln/updater")  # rendered from settings.updates.strategy
 SYSTEMCTL = "/usr/bin/systemctl"
 CONTAINERS_UNIT = "kiln-containers.service"  # the container supervisor (kiln.host.containers.supervise)
 DRAIN_TIMEOUT = 400.0  # seconds for systemctl stop: the longest stop-timeout is 300 s
@@ -125,43 +127,81 @@ class RealHost:
         run([SYSTEMCTL, "reboot"], timeout=60)
 
 
-def main(argv: list[str] | None = None) -> int:
-    paths = Paths()
+class Loop:
+    """The daemon's life: a pass, what changed said once, then one blocking wait until the
+    next pass is due or `poke()` (settings.updates changed) wakes it. No CPU between passes."""
+
+    def __init__(self, updater: Updater) -> None:
+        self.updater = updater
+        self._wake = threading.Event()
+        self._stopping = False
+        self._poked = 0
+
+    def poke(self) -> None:
+        """Look again now (safe from a signal handler or another thread)."""
+        self._poked += 1
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def run(self) -> None:
+        updater = self.updater
+        updater.start()
+        say(f"kiln-updater: id {updater.node_id}, strategy {updater.state.strategy}")
+        said, phase = "", ""  # the first pass's phase always reaches the console
+        while not self._stopping:
+            try:
+                nxt = updater.step()
+            except KilnError as e:  # anything else is a bug: it ends the loop, its host restarts it
+                print(f"kiln-updater: {e}", file=sys.stderr, flush=True)
+                nxt = datetime.now(UTC) + timedelta(minutes=1)
+            now_saying = f"{updater.state.phase}: {updater.state.reason}"
+            if updater.state.phase != phase:  # the console gets phase changes, the journal every change
+                say(f"kiln-updater: {now_saying}")
+            elif now_saying != said:
+                print(f"kiln-updater: {now_saying}", flush=True)
+            said, phase = now_saying, updater.state.phase
+            seen = self._poked
+            self._wake.wait(max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
+            self._wake.clear()
+            if self._poked != seen and not self._stopping:
+                print("kiln-updater: settings changed: looking again", flush=True)
+
+
+def configured(path: Path = CONFIG) -> bool:
+    """Whether settings.updates asks for a daemon (the renderer leaves the file empty for manual)."""
+    try:
+        return bool(path.read_text().strip())
+    except FileNotFoundError:
+        return False
+
+
+def make_loop(paths: Paths | None = None) -> Loop:
+    """The daemon on this host; KilnError when the host cannot be identified."""
+    paths = paths or Paths()
     try:
         ident = node_id(MACHINE_ID.read_text())
     except (OSError, ValueError) as e:
-        print(f"kiln-updater: no usable machine id ({e}): cannot identify this host", file=sys.stderr)
-        return 1
-    updater = Updater(RealHost(paths), state_path(paths), ident)
-    wake = threading.Event()
+        raise KilnError(f"no usable machine id ({e}): cannot identify this host") from None
+    return Loop(Updater(RealHost(paths), state_path(paths), ident))
 
-    reloads = [0]
+
+def main(argv: list[str] | None = None) -> int:
+    """The daemon on its own (development); on a host it runs in kiln.host.agent."""
+    try:
+        loop = make_loop()
+    except KilnError as e:
+        print(f"kiln-updater: {e}", file=sys.stderr)
+        return 1
 
     def on_hup(_sig: int, _frame: FrameType | None) -> None:
-        reloads[0] += 1
-        wake.set()
+        loop.poke()
 
     signal.signal(signal.SIGHUP, on_hup)
-    updater.start()
-    say(f"kiln-updater: id {ident}, strategy {updater.state.strategy}")
-    said, phase = "", ""  # the first pass's phase always reaches the console
-    while True:
-        try:
-            nxt = updater.step()
-        except KilnError as e:  # anything else is a bug: the process ends and systemd restarts it
-            print(f"kiln-updater: {e}", file=sys.stderr, flush=True)
-            nxt = datetime.now(UTC) + timedelta(minutes=1)
-        now_saying = f"{updater.state.phase}: {updater.state.reason}"
-        if updater.state.phase != phase:  # the console gets phase changes, the journal every change
-            say(f"kiln-updater: {now_saying}")
-        elif now_saying != said:
-            print(f"kiln-updater: {now_saying}", flush=True)
-        said, phase = now_saying, updater.state.phase
-        seen = reloads[0]
-        wake.wait(max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
-        wake.clear()
-        if reloads[0] != seen:
-            print("kiln-updater: settings changed (SIGHUP): looking again", flush=True)
+    loop.run()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from kiln.host.agent.main import main
+
+raise SystemExit(main())
