@@ -1,7 +1,7 @@
 """The remote API under abuse: hostile sockets, oversized heads, a reader's bodies.
 
 The connection limits are tested on the in-process RemoteServer of test_api_tls; the memory
-bound on the real `kiln-apiserver --remote` process, whose peak RSS (VmHWM) the kernel keeps.
+bound on the real `python3 -m kiln.host.api.server --remote` process, whose peak RSS (VmHWM) the kernel keeps.
 Hostile peers connect from 127.0.0.2 (all of 127/8 is loopback on Linux), admins from
 127.0.0.1, so the per-source limit can tell them apart as it would on a network.
 """

@@ -73,7 +73,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
     pki.init(other)
     pki.node_for_user_data(other)
     with running_api(base / "host", serve=False) as host:
-        # As kiln-apiserver --remote does: the CRL rendered beside api-remote.json is followed.
+        # As the mTLS listener does: the CRL rendered beside api-remote.json is followed.
         ctx = _node_context(fleet, host.render_root / "etc/kiln/api-remote-crl.pem")
         server = RemoteServer(host.api, ctx, "127.0.0.1", 0)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -290,7 +290,7 @@ def test_a_revoked_admin_is_refused_without_restarting_anything(r: Remote) -> No
 
 
 def test_the_apiserver_process_follows_the_crl_beside_its_config(tmp_path: Path) -> None:
-    """`kiln-apiserver --remote` itself: a CRL written beside api-remote.json holds at the next
+    """`python3 -m kiln.host.api.server --remote` itself: a CRL written beside api-remote.json holds at the next
     connection, in the same process."""
     from tests.test_api_abuse import _server_process
 

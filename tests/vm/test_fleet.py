@@ -133,10 +133,10 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
         vm.wait_for(r"kiln-updater: id [0-9a-f]{32}", 120)
     ids = {vm: daemon(vm) for vm in vms}
     assert all(d["strategy"] == "fleet-lock" for d in ids.values())
-    # a settings change reaches the running daemon (the renderer reloads it: SIGHUP)
+    # a settings change reaches the running daemon (the renderer reloads the agent: SIGHUP)
     vms[0].check("kiln settings set updates.check-interval=14s", timeout=120)
-    vms[0].check("(for i in $(seq 60); do journalctl -u kiln-updater.service --no-pager | "
-                 "grep -q 'settings changed (SIGHUP)' && exit 0; sleep 1; done; exit 1)", timeout=90)  # a subshell
+    vms[0].check("(for i in $(seq 60); do journalctl -u kiln-agent.service --no-pager | "
+                 "grep -q 'kiln-updater: settings changed' && exit 0; sleep 1; done; exit 1)", timeout=90)  # a subshell
 
     # --- 2.0.0: both take it by themselves, never rebooting at the same time
     marks = [len(vm.output) for vm in vms]

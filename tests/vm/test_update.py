@@ -158,7 +158,7 @@ def test_update_rollback_and_broken_releases(
     user_data = tmp_path / "user-data.toml"
     user_data.write_text(pki.user_data(fleet) + f"""
 [settings.health]
-units = ["containerd.service", "kiln-apiserver.socket"]
+units = ["containerd.service", "kiln-agent.service"]
 http-check = "http://10.0.2.2:{health.port}/healthz"
 timeout = 20
 """)
