@@ -52,9 +52,10 @@ log = logging.getLogger("kiln.agent")
 
 
 class Agent:
-    def __init__(self, *, remote_config: Path = server.REMOTE_CONFIG, timings: Path = pipeline.TIMINGS,
-                 gate_record: Path = GATE_RECORD) -> None:
+    def __init__(self, *, remote_config: Path = server.REMOTE_CONFIG, remote_address: str | None = None,
+                 timings: Path = pipeline.TIMINGS, gate_record: Path = GATE_RECORD) -> None:
         self.remote_config = remote_config
+        self.remote_address = remote_address  # None: every address (tests: 127.0.0.1)
         self.timings = timings
         self.gate_record = gate_record
         self.api: Api | None = None
@@ -147,7 +148,7 @@ class Agent:
             threading.Thread(target=old.server_close, name="api-remote-drain", daemon=True).start()
         assert self.api is not None, "the API comes before its listeners"
         try:
-            new = server.remote_server(self.api, self.remote_config)
+            new = server.remote_server(self.api, self.remote_config, self.remote_address)
         except Exception as e:  # bad TLS material or a busy port: say it, try again
             print(f"kiln-agent: remote API not listening: {e}", file=sys.stderr, flush=True)
             self._remote_failed = True
