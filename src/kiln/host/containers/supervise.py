@@ -76,6 +76,7 @@ class Supervisor:
         self.staging = staging
         # Owned by the loop thread:
         self._desired: dict[str, Spec] = {}
+        self._known: dict[str, Spec] = {}  # every spec seen in the settings: a removed one's stop-timeout
         self._history: dict[str, History] = {}
         self._runs: dict[str, _Run] = {}
         self._starting: dict[str, Spec] = {}
@@ -200,8 +201,9 @@ class Supervisor:
     def _read_settings(self) -> None:
         tree = self._settings()
         before = self._desired
-        self._desired = {s.id: s for kind in SUPERVISED if kind not in self._drained
-                         for s in from_settings(tree, kind) if s.enabled}
+        declared = [s for kind in SUPERVISED for s in from_settings(tree, kind)]
+        self._known |= {s.id: s for s in declared}
+        self._desired = {s.id: s for s in declared if s.enabled and s.kind not in self._drained}
         self._resync = True
         for cid, past in self._history.items():
             if past.retry_at is not None and cid not in self._desired and cid in before:
@@ -260,8 +262,7 @@ class Supervisor:
             self._adopt(self._desired[cid], self._unwatched.pop(cid))
         elif action.verb == Verb.REAP:
             self._ended.pop(cid)
-            spec = self._desired.get(cid) or _spec_of(cid)
-            self._ended_run(spec, None)
+            self._ended_run(self._spec_for(cid), None)
         elif action.verb == Verb.STOP:
             self._begin_stop(cid, action.why)
 
@@ -374,11 +375,15 @@ class Supervisor:
             status.write(desired, "restarting", self.state_dir, restarts=nxt.restarts, exit_code=code,
                          detail=f"exited with status {code}; restarting in {max(delay, 0):.0f} s")
 
+    def _spec_for(self, cid: str) -> Spec:
+        """The spec `cid` runs from: the settings' now, or the last seen (removed or drained)."""
+        return self._desired.get(cid) or self._known.get(cid) or _spec_of(cid)
+
     def _begin_stop(self, cid: str, why: str) -> None:
         run = self._runs.get(cid)
         if run is None:  # running but not watched yet: watch it, or it ended meanwhile
             pid = self._unwatched.pop(cid)
-            spec = self._desired.get(cid) or _spec_of(cid)
+            spec = self._spec_for(cid)
             got = launch.watch(spec, pid)
             if got.pidfd is None:
                 self._ended[cid] = pid
@@ -423,7 +428,8 @@ class Supervisor:
 
 
 def _spec_of(cid: str) -> Spec:
-    """A minimal spec for a task no longer in the settings: enough to stop and delete it."""
+    """A minimal spec for a task the settings never named (found at the start): enough to
+    stop and delete it, with the default stop-timeout."""
     kind, _, name = cid.partition("-")
     return Spec(kind, name, "")  # type: ignore[arg-type]
 
