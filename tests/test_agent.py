@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +119,13 @@ def test_a_listener_that_cannot_start_is_said_and_tried_again(
         assert "kiln-agent: remote API not listening" in capsys.readouterr().err
     agent.reload_remote()  # the same config, tried again (the agent's loop does it every 5 s)
     assert _motd(fleet, port) == {"motd": "Welcome to Kiln!"}
+
+
+def test_the_agent_starts_without_the_heavy_imports() -> None:
+    """What only some boots or requests need (TUF and its HTTP stack for updates, Jinja2
+    for a render) is imported when needed: never on every boot's way to ready."""
+    code = ("import sys, kiln.host.agent.main; "
+            "print(' '.join(m for m in ('tuf', 'securesystemslib', 'urllib3', 'jinja2', 'urllib.request') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"imported at start: {out.stdout.strip()}"
