@@ -86,3 +86,32 @@ def test_write_result_appends_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert runs[0]["commit"] == "0" * 40
     assert runs[0]["load"]["start"] == [0.5, 0.4, 0.3] and runs[0]["load"]["end"]
     assert set(runs[0]) == set(bench.RUN_KEYS)
+
+
+def test_guest_api_judges_the_agent_design_and_shows_older_runs_apart(report: ModuleType) -> None:
+    mib = 1024 * 1024
+
+    def run(result: dict[str, Any]) -> dict[str, Any]:
+        return {"date": "2026-12-02T12:00:00+00:00", "commit": "a" * 40, "uncommitted": [], "note": None,
+                "load": {"start": [1.0], "end": [1.0]}, "result": {"result": result}}
+
+    old = run({"agents": ["kiln-apiserver", "kiln-api-remote", "kiln-updater"], "agents_resident_bytes": 70 * mib,
+               "agents_target_bytes": 60 * mib, "api": {"first_response_s": 1.0},
+               "first_boot": {"settings_unit_wall_s": 7.0, "ready_target_s": 16.0}})
+
+    def boot(resident: int, first: float) -> dict[str, Any]:
+        return {"kiln_resident_bytes": resident, "api_first_response_s": first, "ready_target_s": 12.0,
+                "rss_bytes": {"kiln-agent.service": resident, "kiln-containers.service": None},
+                "restart": {"kill_to_response_s": 2.0}}
+
+    agent = run({"design": "agent", "kiln_target_bytes": 40 * mib, "api_first_response_target_s": 0.2,
+                 "first_boot": boot(30 * mib, 0.05), "second_boot": boot(36 * mib, 0.3)})
+    values = report.guest_api_section([old, agent, agent])
+    assert values["verdict"] == "**met** (median of 4 boots from 2 runs: 33.0 MiB)"
+    assert values["first_verdict"] == "**met** (median of 4 boots from 2 runs: 0.175 s)"
+    assert values["target"] == "≤ 40 MiB" and values["first_target"] == "≤ 0.2 s"
+    assert values["old_verdict"].startswith("not judged: 1 run")  # the previous design, apart
+    assert "previous (a unit each)" in values["runs"] and "| agent |" in values["runs"]
+    # With no run of the agent's design yet, the targets still say what they are.
+    only_old = report.guest_api_section([old])
+    assert only_old["target"] == "≤ 40 MiB" and only_old["verdict"].startswith("not judged: 0 measurements")
