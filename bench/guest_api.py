@@ -61,6 +61,7 @@ KILN_TARGET_BYTES = 40 * 1024 * 1024  # issue 14: Kiln's own resident memory at 
 FIRST_RESPONSE_TARGET_S = 0.2  # issue 14: API first response after boot
 WARM_REQUESTS = 20
 UPDATER_LINE = r"kiln-updater: id "
+UPDATER_PHASE = r"kiln-updater: (?!id )[\w-]+: "  # the phase after the daemon's first pass
 LOGS = B.CACHE / "logs"
 
 # GETs on the API socket, each on a new connection, timed connect → whole response; after the
@@ -172,9 +173,24 @@ print(json.dumps({"vmhwm_bytes": None if kib is None else kib * 1024, "returncod
 """
 
 
+# The debug shell shares the serial console with the guest's console messages (the update
+# daemon's lines, systemd's): a command's output can have foreign lines in it, so every reader
+# below picks out only the lines it expects.
 def show(vm: Vm, unit: str, *props: str) -> dict[str, str]:
     out = vm.check(f"systemctl show {' '.join(f'-p {p}' for p in props)} {unit}")
-    return dict(line.strip().split("=", 1) for line in out.splitlines() if "=" in line)
+    pairs = (line.strip().split("=", 1) for line in out.splitlines() if "=" in line)
+    return {k: v for k, v in pairs if k in props}
+
+
+def json_line(out: str) -> Any:
+    """The last line of `out` that is a JSON object."""
+    for line in reversed(out.splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError(f"no JSON line in the guest's output: {out[-500:]!r}")
 
 
 def seconds(raw: str | None) -> float | None:
@@ -190,7 +206,7 @@ def boot_share(vm: Vm) -> dict[str, Any]:
     entered = "ActiveEnterTimestampMonotonic"
     ready = seconds(show(vm, "kiln-ready.target", entered).get(entered))
     booted = seconds(show(vm, "kiln-booted.target", entered).get(entered))
-    steps = json.loads(vm.check("cat /run/kiln/boot-settings.json"))
+    steps = json_line(vm.check("tr -d '\\n' < /run/kiln/boot-settings.json; echo"))
     wall = None if start is None or ready1 is None else ready1 - start
     work = steps.get("total")
     return {
@@ -211,19 +227,21 @@ def boot_share(vm: Vm) -> dict[str, Any]:
 
 def guest_py(vm: Vm, code: str, *args: str) -> Any:
     vm.check(f"echo {base64.b64encode(code.encode()).decode()} | base64 -d > /tmp/bench.py")
-    return json.loads(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180).strip().splitlines()[-1])
+    return json_line(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180))
 
 
 def memory_of(vm: Vm, unit: str) -> dict[str, int] | None:
     """VmRSS and VmHWM (bytes) of a unit's main process, or None when it is not running."""
-    pid = vm.check(f"systemctl show -p MainPID --value {unit}").strip()
-    if not pid.isdigit() or pid == "0":
+    pids = [line.strip() for line in vm.check(f"systemctl show -p MainPID {unit}").splitlines()
+            if re.fullmatch(r"MainPID=\d+", line.strip())]
+    pid = pids[-1].split("=")[1] if pids else "0"
+    if pid == "0":
         return None
     out: dict[str, int] = {}
     for line in vm.check(f"grep -E '^Vm(RSS|HWM):' /proc/{pid}/status").splitlines():
-        key, value = line.split()[:2]
-        out[key.rstrip(":")] = int(value) * 1024
-    return out
+        if m := re.fullmatch(r"(VmRSS|VmHWM):\s+(\d+) kB", line.strip()):
+            out[m.group(1)] = int(m.group(2)) * 1024
+    return out if {"VmRSS", "VmHWM"} <= set(out) else None
 
 
 def peak_of(vm: Vm, *module_args: str) -> int | None:
@@ -250,7 +268,7 @@ def one_boot(vm: Vm, name: str) -> dict[str, Any]:
     vm.wait_shell()
     vm.check(f"echo {base64.b64encode(GET.encode()).decode()} | base64 -d > /tmp/bench-get.py")
     asked = time.monotonic()
-    first = json.loads(vm.check("python3 -I /tmp/bench-get.py 1", timeout=180).strip().splitlines()[-1])
+    first = json_line(vm.check("python3 -I /tmp/bench-get.py 1", timeout=180))
     out: dict[str, Any] = {
         "api_first_response_s": first["seconds"][0],
         "api_first_status": first["status"],
@@ -259,6 +277,7 @@ def one_boot(vm: Vm, name: str) -> dict[str, Any]:
     out.update(boot_share(vm))
     # Memory at ready: the update daemon running in the agent (its first line), the API answered once.
     out["updater_started"] = seen_after(vm, ready_line.start(), UPDATER_LINE, 120)
+    out["updater_first_pass"] = seen_after(vm, ready_line.start(), UPDATER_PHASE, 60)  # its first check done
     memory = {unit: memory_of(vm, unit) for unit in (*KILN_UNITS, "containerd.service")}
     out["rss_bytes"] = {unit: m["VmRSS"] if m else None for unit, m in memory.items()}
     out["hwm_bytes"] = {unit: m["VmHWM"] if m else None for unit, m in memory.items()}
@@ -315,11 +334,11 @@ def measure(image: Path, work: Path) -> dict[str, Any]:
     finally:
         vm.kill()
     resident = [out[b]["kiln_resident_bytes"] for b in ("first_boot", "second_boot")]
-    if None in resident:
-        raise RuntimeError(f"{AGENT} not running in the guest (see {LOGS}/guest_api-*.txt)")
+    if None in resident:  # recorded all the same (the report skips it), and said
+        B.log(f"{AGENT}'s memory not read on a boot (see {LOGS}/guest_api-*.txt)")
     first = [out[b]["api_first_response_s"] for b in ("first_boot", "second_boot")]
     out["kiln_target_bytes"] = KILN_TARGET_BYTES
-    out["kiln_target_met"] = max(resident) <= KILN_TARGET_BYTES
+    out["kiln_target_met"] = None if None in resident else max(r or 0 for r in resident) <= KILN_TARGET_BYTES
     out["api_first_response_target_s"] = FIRST_RESPONSE_TARGET_S
     out["api_first_response_target_met"] = max(first) <= FIRST_RESPONSE_TARGET_S
     return out
@@ -366,7 +385,8 @@ def report(r: dict[str, Any]) -> str:
                 mem.append([f"  {unit} pid {p['pid']}: {p['cmdline'][:60]}", B.fmt_mib(p["rss_bytes"]), ""])
     mem += [[f"peak: {k}", "", B.fmt_mib(v)] for k, v in r["peak_hwm_bytes"].items()]
     lines.append(B.table(mem, ["process", "VmRSS", "VmHWM"]))
-    lines.append(f"Kiln resident at ready ≤ 40 MiB: {'ok' if r['kiln_target_met'] else 'MISSED'}; "
+    met = {True: "ok", False: "MISSED", None: "not measured"}[r["kiln_target_met"]]
+    lines.append(f"Kiln resident at ready ≤ 40 MiB: {met}; "
                  f"API first response after boot ≤ 0.2 s: {'ok' if r['api_first_response_target_met'] else 'MISSED'}")
     for boot in boots:
         for line in r[boot]["agent_journal_problems"]:
