@@ -34,10 +34,10 @@ def _killed_and_back(vm: Vm) -> None:
     """SIGKILL the agent, then wait (bounded) for systemd's restart and the API's answer."""
     before = _agent_pid(vm)
     vm.check(KILL)
-    vm.check(f"for i in $(seq 120); do p=$(systemctl show -P MainPID kiln-agent.service); "
+    vm.check(f"(for i in $(seq 120); do p=$(systemctl show -P MainPID kiln-agent.service); "
              f"[ \"$p\" != 0 ] && [ \"$p\" != {before} ] && "
-             "[ $(systemctl show -P ActiveState kiln-agent.service) = active ] && exit 0; sleep 0.5; done; exit 1",
-             timeout=90)
+             "[ $(systemctl show -P ActiveState kiln-agent.service) = active ] && exit 0; sleep 0.5; done; exit 1)",
+             timeout=90)  # a subshell: `exit` must not end the debug shell
     # the socket stayed open: the first client waits for the new agent instead of failing
     assert _json(vm, "kiln settings get --json motd", timeout=120)["motd"]
 
@@ -64,8 +64,8 @@ targets-base-url = "http://10.0.2.2:{port}/targets/"
         # --- mid-prepare: the write into slot B is cut off by the kill
         assert _json(vm, "kiln update check --json", timeout=240)["update_state"] == "Available"
         vm.check("(kiln update apply > /tmp/apply.log 2>&1 &)")
-        vm.check("for i in $(seq 600); do kiln update status --json | "
-                 "grep -q '\"cmd_type\": \"prepare\"' && exit 0; sleep 0.2; done; exit 1", timeout=240)
+        vm.check("(for i in $(seq 200); do kiln update status --json | "
+                 "grep -q '\"cmd_type\": \"prepare\"' && exit 0; sleep 0.2; done; exit 1)", timeout=400)
         _killed_and_back(vm)
         st = _json(vm, "kiln update status --json")
         cmd = st["most_recent_command"]
