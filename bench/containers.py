@@ -37,7 +37,7 @@ Side by side in one run:
    kiln-host-containerd.service, kiln-containers.service (the supervisor) and every
    container, with Rss, Pss, USS (private pages) and anonymous memory of each process
    (smaps_rollup): before and after enabling admin, and with the workloads and the floor's
-   containers running. Kiln's memory per container is its logger (`sh` + 2 × `cat`, started
+   containers running. Kiln's memory per container is its logger (2 × `cat`, started
    by the shim, in containerd's cgroup) plus the supervisor's growth per container. Then
    the CPU the same units, processes and containers use over 30 idle seconds (cpu.stat,
    /proc/PID/stat), in % of one vCPU.
@@ -680,15 +680,15 @@ def median_of(entries: Sequence[dict[str, Any] | None], keys: Sequence[str]) -> 
 
 
 def loggers(unit: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The containers' loggers in a containerd's cgroup (the shim starts them there): `sh` (the
-    container-log script's `sh -c 'cat <&3 & cat <&4; wait'`) and its two `cat`s, summed, with
-    how many there are (one `sh` each)."""
+    """The containers' loggers in a containerd's cgroup (the shim starts them there): two `cat`s
+    each (stdout, stderr; /usr/libexec/kiln/container-log leaves nothing else), plus any `sh`
+    an older logger kept, summed, with how many loggers there are."""
     if unit is None:
         return None
     sh, cat = unit["by_program"].get("sh"), unit["by_program"].get("cat")
-    if not sh:
+    if not cat:
         return None
-    return {"count": sh["count"], **{k: sh[k] + (cat[k] if cat else 0) for k in MEASURES}}
+    return {"count": cat["count"] // 2, **{k: cat[k] + (sh[k] if sh else 0) for k in MEASURES}}
 
 
 def memory_view(m: dict[str, Any]) -> dict[str, Any]:
@@ -715,7 +715,7 @@ def memory_view(m: dict[str, Any]) -> dict[str, Any]:
             k: hc[k] for k in (*cgs, *MEASURES)},
         "host containerd process": program(hc, "containerd"),
         "admin's shim": program(hc, "containerd-shim-runc-v2"),
-        "admin's logger (sh + 2 cat)": loggers(hc),
+        "admin's logger (2 cat)": loggers(hc),
         "workload containerd cgroup, same moment (no container)": None if cd is None else {
             k: cd[k] for k in (*cgs, *MEASURES)},
         "workload containerd process, same moment": program(cd, "containerd"),
@@ -723,7 +723,7 @@ def memory_view(m: dict[str, Any]) -> dict[str, Any]:
             k: sup1[k] for k in (*cgs, *MEASURES)},
         "supervisor, with the workloads": None if sup2 is None else {k: sup2[k] for k in (*cgs, *MEASURES)},
         "supervisor growth per workload": growth,
-        "workload logger (sh + 2 cat), per container": per_logger,
+        "workload logger (2 cat), per container": per_logger,
         "Kiln per running container (logger + supervisor growth)": per_container,
         "admin container cgroup": next((v for n_, v in b1["containers"].items() if n_.endswith("/host-admin")), None),
         "workload shim (median)": median_of(cd2["shims"] if cd2 else [], MEASURES),

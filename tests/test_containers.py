@@ -237,7 +237,7 @@ def web_settings(reg: OciRegistry, port: int, www: Path, restart: str = "always"
 LOGGER = """#!/bin/sh
 # containerd's binary logger protocol, as /usr/libexec/kiln/container-log speaks it, into files
 exec 5>&-
-exec /bin/sh -c 'cat <&3 >> {dir}/$CONTAINER_ID.out & cat <&4 >> {dir}/$CONTAINER_ID.err; wait'
+exec /bin/sh -c 'cat <&4 >> {dir}/$CONTAINER_ID.err & exec cat <&3 >> {dir}/$CONTAINER_ID.out'
 """
 
 
