@@ -520,9 +520,9 @@ def guest_api_section(runs: list[Run]) -> dict[str, str]:
              sec(a("restart", "kill_to_response_s"), 2)],
             ["… of which kill → the new process's exec (systemd, `RestartSec`)",
              sec(a("restart", "kill_to_exec_s"), 2)],
-            ["… exec → READY=1 (interpreter, imports, API; the pipeline's record is kept)",
-             sec(a("restart", "exec_to_ready1_s"), 2)],
-            ["… READY=1 → response", sec(a("restart", "ready1_to_response_s"), 3)],
+            ["… exec → response (interpreter, imports, the local API; the pipeline's record is kept)",
+             sec(a("restart", "exec_to_response_s"), 2)],
+            ["… exec → READY=1 (after the mTLS listener too)", sec(a("restart", "exec_to_ready1_s"), 2)],
             [f"{label}: GET to the running agent (median of 20 per boot)",
              msec(med((dig(res(r), boot, "api_warm_median_s") or 0) * 1000 or None for r in agent_runs), 1)],
         ]
@@ -538,6 +538,9 @@ def guest_api_section(runs: list[Run]) -> dict[str, str]:
              for r in agent_runs for boot, _ in GUEST_BOOTS]
     mem_rows.append([f"`{AGENT_UNIT}` after its SIGKILL and restart, 21 requests later", mib(med(x for x, _ in after)),
                      mib(med(y for _, y in after)), f"{sum(1 for x, _ in after if x)} of {len(after)}"])
+    every = per_boot("kiln_cgroups_resident_bytes")
+    mem_rows.append(["every process in the two units' cgroups (children too)", mib(med(every)), "",
+                     f"{sum(1 for v in every if v)} of {len(every)}"])
     for key, label in (("kiln settings get (client)", "`kiln settings get` (the client)"),
                        ("boot pipeline alone (render cache current)",
                         "the boot pipeline on its own, render cache current"),
@@ -592,9 +595,17 @@ def guest_api_section(runs: list[Run]) -> dict[str, str]:
             return " / ".join(sec(dig(res(r), boot, "api_first_response_s"), 3) for boot, _ in GUEST_BOOTS)
         return sec(dig(res(r), "api", "first_response_s"), 3) + " (socket-activated start)"
 
+    procs = []  # every process in the Kiln units' cgroups at ready, each boot of the latest run
+    for boot, label in GUEST_BOOTS if agent_runs else ():
+        for unit, ps in (dig(res(agent_runs[-1]), boot, "cgroup_processes") or {}).items():
+            for p in ps:
+                procs.append([label.split(" (")[0], f"`{unit}`", str(p.get("pid")), f"`{p.get('cmdline')}`",
+                              mib(p.get("rss_bytes"))])
     return {
         "provenance": provenance(runs),
         "agent_provenance": provenance(agent_runs, "the host agent"),
+        "cgroup_table": table(["boot", "unit", "pid", "command line", "VmRSS"], procs) if procs
+        else "(not recorded)",
         "boot_table": table(["", f"`{AGENT_UNIT}` start, since the kernel started", "start → READY=1",
                              "the pipeline's own work", "the rest (interpreter, imports, API)",
                              "`kiln-ready.target` since the kernel started", "start → READY=1 / ready"], rows),
