@@ -8,7 +8,7 @@ ready line (`boot.ready`), growing DATA (`boot.growdata`) and the update daemon
 
 The order of a boot:
 
-    settings pipeline → API on the socket systemd holds → READY=1 → start kiln-ready.target
+    settings pipeline → READY=1 → API on the socket systemd holds → start kiln-ready.target
     → health gate, ready line → kiln-booted.target → update daemon, grow DATA
 
 A crash loses nothing: systemd restarts the agent (the API socket stays open, so clients
@@ -33,14 +33,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.core.fs import atomic_write
 from kiln.host.agent.notify import notify
-from kiln.host.api import server
-from kiln.host.api.routes import Api
 from kiln.host.boot import pipeline
 
+if TYPE_CHECKING:  # the API is imported once the settings are applied, after READY=1
+    from kiln.host.api import server
+    from kiln.host.api.routes import Api
+
+REMOTE_CONFIG = Path("/etc/kiln/api-remote.json")  # kiln.host.api.server.REMOTE_CONFIG
 GATE_RECORD = Path("/run/kiln/gate.json")  # the gate ran this boot (and its outcome)
 READY_TARGET = "kiln-ready.target"
 BOOTED_TARGET = "kiln-booted.target"
@@ -52,7 +55,7 @@ log = logging.getLogger("kiln.agent")
 
 
 class Agent:
-    def __init__(self, *, remote_config: Path = server.REMOTE_CONFIG, remote_address: str | None = None,
+    def __init__(self, *, remote_config: Path = REMOTE_CONFIG, remote_address: str | None = None,
                  timings: Path = pipeline.TIMINGS, gate_record: Path = GATE_RECORD) -> None:
         self.remote_config = remote_config
         self.remote_address = remote_address  # None: every address (tests: 127.0.0.1)
@@ -151,6 +154,8 @@ class Agent:
             old.socket.close()  # the port is free now; in-flight requests finish on their own
             threading.Thread(target=old.server_close, name="api-remote-drain", daemon=True).start()
         assert self.api is not None, "the API comes before its listeners"
+        from kiln.host.api import server
+
         try:
             new = server.remote_server(self.api, self.remote_config, self.remote_address)
         except Exception as e:  # bad TLS material or a busy port: say it, try again
@@ -179,13 +184,16 @@ class Agent:
     # --- the process ---------------------------------------------------------------------
     def run(self) -> int:
         broken = self.settings()
+        # Ready as soon as the settings are rendered (what units after it need): the API's
+        # imports overlap containerd and the ready target; clients wait on the socket.
+        notify("READY=1", f"STATUS=waiting for {READY_TARGET}")
+        from kiln.host.api import server
         from kiln.host.update.control import in_thread
 
         self.api = server.make_api(launch=in_thread)
         self.local = server.LocalServer(self.api, server.SOCKET, server.activated_fd())
         self.serve(self.local, "api-local")
         self.reload_remote()
-        notify("READY=1", f"STATUS=waiting for {READY_TARGET}")
         gc.freeze()  # start-up objects never die: keep them out of every collection (tail latency)
         self.thread("gate", lambda: self.gate(broken))
         updater_started = False
