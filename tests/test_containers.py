@@ -607,9 +607,9 @@ def test_logs_route_checks_its_query_and_reads_the_journal(api_host: ApiHost) ->
     doc = json.loads(Path(api_routes.__file__).with_name("openapi.json").read_text())
     got = c.request("GET", "/containers/logs?name=web&lines=5")
     check_schema(doc, "GET", "/containers/logs", 200, got)
-    assert (got["kind"], got["unit"], got["entries"]) == ("workload", "kiln-containers.service", [])
+    assert (got["kind"], got["unit"], got["entries"]) == ("workload", "kiln-agent.service", [])
     assert c.request("GET", "/containers/logs?name=prep")["unit"] == "kiln-bootstrap-containers.service"
-    assert c.request("GET", "/containers/logs?name=admin")["unit"] == "kiln-containers.service"
+    assert c.request("GET", "/containers/logs?name=admin")["unit"] == "kiln-agent.service"
     # by the container's id: its output (the shim's logger) and the supervisor's lines about it
     web_spec = from_settings(api_host.store.live(), "workload")[0]
     assert "--identifier=workload-web" in journal_argv(web_spec, 5)

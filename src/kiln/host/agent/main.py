@@ -45,11 +45,13 @@ if TYPE_CHECKING:  # the API is imported once the settings are applied, after RE
 
 REMOTE_CONFIG = Path("/etc/kiln/api-remote.json")  # kiln.host.api.server.REMOTE_CONFIG
 GATE_RECORD = Path("/run/kiln/gate.json")  # the gate ran this boot (and its outcome)
+CONTAINERS_STOPPED = Path("/run/kiln/containers/stopped")  # kiln-containers.service's stop waits for it
 READY_TARGET = "kiln-ready.target"
 BOOTED_TARGET = "kiln-booted.target"
 SYSTEMCTL = "/usr/bin/systemctl"
 RETRY = 5.0  # seconds between attempts to bind the mTLS listener
 RESTART_THREAD = 10.0  # seconds before a component thread that crashed starts again
+DRAIN_TIMEOUT = 400.0  # seconds for every container to stop: the longest stop-timeout is 300 s
 
 log = logging.getLogger("kiln.agent")
 
@@ -67,6 +69,10 @@ class Agent:
         self._remote_seen: str | None = None  # the config text the listener was (tried to be) made from
         self._remote_failed = False
         self.updater: Any = None  # kiln.host.update.updater.Loop, imported when configured
+        self.containers: Any = None  # kiln.host.containers.supervise.Supervisor, once it runs
+        self._stop_containers = threading.Event()  # SIGUSR2: kiln-containers.service stops
+        self._sync_containers = threading.Event()  # SIGUSR1: container settings changed, or started again
+        self._held = False  # the containers are stopped by SIGUSR2 until the next SIGUSR1
         self._gate_done = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -79,6 +85,14 @@ class Agent:
 
     def ask_reload(self, _sig: int = signal.SIGHUP, _frame: FrameType | None = None) -> None:
         self._reload.set()
+        self._events.set()
+
+    def ask_containers_sync(self, _sig: int = signal.SIGUSR1, _frame: FrameType | None = None) -> None:
+        self._sync_containers.set()
+        self._events.set()
+
+    def ask_containers_stop(self, _sig: int = signal.SIGUSR2, _frame: FrameType | None = None) -> None:
+        self._stop_containers.set()
         self._events.set()
 
     # --- the boot ------------------------------------------------------------------------
@@ -97,11 +111,16 @@ class Agent:
         from kiln.core.run import run
         from kiln.host.boot import ready
 
-        if not self.gate_record.exists():
+        done = self.gate_record.exists()
+        if not done:
             notify(f"STATUS=starting {READY_TARGET}")
             started = run([SYSTEMCTL, "start", READY_TARGET], check=False)
             if started.returncode != 0:  # the gate says which unit; this is for the journal
                 print(f"kiln-agent: {READY_TARGET}: {started.stderr.decode().strip()}", file=sys.stderr, flush=True)
+        # After the bootstrap containers (they ran to completion in the ready target), as
+        # Bottlerocket orders them; beside the health gate, which may wait for a workload.
+        self.thread("containers", self._supervise, restart=True)
+        if not done:
             notify("STATUS=health gate")
             try:
                 ok = ready.boot_gate(broken)
@@ -135,6 +154,23 @@ class Agent:
                     return
 
         threading.Thread(target=body, name=name, daemon=True).start()
+
+    def _supervise(self) -> None:
+        from kiln.host.containers.supervise import Supervisor
+
+        self.containers = Supervisor()
+        self.containers.serve_forever()  # returns at shutdown(); a crash is restarted
+
+    def stop_containers(self) -> None:
+        """kiln-containers.service is stopping (shutdown, before containerd; or by hand):
+        every container stopped cleanly, workloads first, then the marker its stop waits for."""
+        try:
+            if self.containers is not None:
+                for cid in self.containers.stop_all(timeout=DRAIN_TIMEOUT):
+                    print(f"kiln-agent: stopped container {cid}", flush=True)
+        finally:
+            CONTAINERS_STOPPED.parent.mkdir(parents=True, exist_ok=True)
+            CONTAINERS_STOPPED.touch()
 
     def serve(self, srv: socketserver.BaseServer, name: str) -> None:
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, name=name, daemon=True).start()
@@ -175,7 +211,7 @@ class Agent:
         if not updater.configured():
             return
         try:
-            self.updater = updater.make_loop()
+            self.updater = updater.make_loop(containers=lambda: self.containers)
         except Exception as e:  # KilnError: no machine id
             print(f"kiln-updater: {e}", file=sys.stderr, flush=True)
             return
@@ -209,6 +245,16 @@ class Agent:
             if self._gate_done.is_set() and (reload or not updater_started):
                 updater_started = True
                 self.reload_updater()
+            if self._stop_containers.is_set():
+                self._stop_containers.clear()
+                self._held = True
+                self.thread("containers-stop", self.stop_containers)
+            if self._sync_containers.is_set() and self.containers is not None:
+                self._sync_containers.clear()
+                if self._held:  # kiln-containers.service started again
+                    self._held = False
+                    self.containers.undrain()
+                self.containers.request_sync()
         self.shutdown()
         return 0
 
@@ -216,6 +262,8 @@ class Agent:
         notify("STOPPING=1")
         if self.updater is not None:
             self.updater.stop()
+        if self.containers is not None:
+            self.containers.shutdown()  # the containers keep running: the next start adopts them
         for srv in (self.local, self.remote):
             if srv is not None:
                 srv.shutdown()
@@ -234,4 +282,6 @@ def main() -> int:
     signal.signal(signal.SIGTERM, agent.ask_stop)
     signal.signal(signal.SIGINT, agent.ask_stop)
     signal.signal(signal.SIGHUP, agent.ask_reload)
+    signal.signal(signal.SIGUSR1, agent.ask_containers_sync)
+    signal.signal(signal.SIGUSR2, agent.ask_containers_stop)
     return agent.run()

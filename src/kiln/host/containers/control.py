@@ -14,7 +14,7 @@ from kiln.host.containers import ctr, status
 from kiln.host.containers.spec import KINDS, Kind, Spec, find, from_settings
 
 BOOTSTRAP_UNIT = "kiln-bootstrap-containers.service"  # runs every bootstrap container in turn
-SUPERVISOR_UNIT = "kiln-containers.service"  # keeps host containers and workloads running
+SUPERVISOR_UNIT = "kiln-agent.service"  # its supervisor keeps host containers and workloads running
 CURSOR = re.compile(r"^[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}$")  # journal cursors
 
 

@@ -2,7 +2,7 @@
 every start shares, and the bootstrap containers.
 
 - `pull`, `prepare`, `start_runtime`, `collect_images`: used by the supervisor
-  (`supervise.py`, kiln-containers.service), which keeps host containers and workloads
+  (`supervise.py`, in the host agent), which keeps host containers and workloads
   running as the settings say.
 - `run_bootstrap` (kiln-bootstrap-containers.service, before kiln-ready.target): run every
   enabled bootstrap container to completion, in name order; `once` ones are set to `off`

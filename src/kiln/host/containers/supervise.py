@@ -10,7 +10,7 @@ It survives its own death: tasks live in their shims, so a restarted supervisor 
 tasks of Kiln's namespace in both containerds, adopts the running ones (a pidfd again, no
 second task), deletes the ended ones as exits, and reads restart counts back from the status
 files. It installs no signal handler and keeps no process-wide state, so a host agent can run
-it in a thread; `main()` is the standalone service (kiln-containers.service) with signals.
+it in a thread (kiln-agent.service does); `main()` runs it alone, with signals (development).
 """
 
 from __future__ import annotations
@@ -435,7 +435,7 @@ def _spec_of(cid: str) -> Spec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """kiln-containers.service: SIGHUP reads the settings again; SIGTERM stops every container
+    """The supervisor alone: SIGHUP reads the settings again; SIGTERM stops every container
     (workloads first) and exits. A SIGKILL leaves them running for the next start to adopt."""
     sup = Supervisor()
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

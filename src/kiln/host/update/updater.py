@@ -17,16 +17,20 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.core.errors import KilnError
 from kiln.host.boot.console import say
 from kiln.host.update import failures
 from kiln.host.update.daemon import Updater
 from kiln.host.update.status import Paths
+
+if TYPE_CHECKING:
+    from kiln.host.containers.supervise import Supervisor
 
 # The application key of Kiln's host id, as systemd's sd_id128_get_machine_app_specific()
 # and Zincati use one: the machine id never leaves the host, but the id is stable across
@@ -35,8 +39,7 @@ APP_ID = uuid.UUID("5d3b0a4e-7c1f-4f38-9a61-2e8f0b6c4d17")
 MACHINE_ID = Path("/etc/machine-id")
 CONFIG = Path("/etc/kiln/updater")  # rendered from settings.updates.strategy
 SYSTEMCTL = "/usr/bin/systemctl"
-CONTAINERS_UNIT = "kiln-containers.service"  # the container supervisor (kiln.host.containers.supervise)
-DRAIN_TIMEOUT = 400.0  # seconds for systemctl stop: the longest stop-timeout is 300 s
+DRAIN_TIMEOUT = 400.0  # seconds for a drain: the longest stop-timeout is 300 s
 
 
 def node_id(machine_id: str, app: uuid.UUID = APP_ID) -> str:
@@ -54,9 +57,10 @@ def state_path(paths: Paths | None = None) -> Path:
 
 
 class RealHost:
-    def __init__(self, paths: Paths | None = None) -> None:
+    def __init__(self, paths: Paths | None = None, containers: Callable[[], Supervisor | None] | None = None) -> None:
         self.paths = paths or Paths()
-        self._drained: list[str] = []
+        self.containers = containers  # the agent's container supervisor, once it runs
+        self._drained: Supervisor | None = None
 
     def _agent(self) -> Any:
         from kiln.host.update.agent import from_host
@@ -102,23 +106,22 @@ class RealHost:
         return failures.verdicts(failures.read(self.paths.failures), max_attempts).get(version)
 
     def drain(self) -> None:
-        """Stop the container supervisor: on SIGTERM it stops the workloads, then the host
-        containers (SIGTERM, SIGKILL after each one's stop-timeout), and `systemctl stop`
-        waits for that. A supervisor that is not running has nothing to drain."""
-        from kiln.core.run import run
-
-        active = run([SYSTEMCTL, "is-active", "--quiet", CONTAINERS_UNIT], check=False, timeout=60)
-        if active.returncode == 0:
-            say(f"kiln-updater: draining: stopping {CONTAINERS_UNIT} (workloads, then host containers)")
-            run([SYSTEMCTL, "stop", CONTAINERS_UNIT], timeout=DRAIN_TIMEOUT)
-            self._drained = [CONTAINERS_UNIT]
+        """Workloads first, then host containers, each with SIGTERM and SIGKILL after its
+        stop-timeout; blocks until they are stopped. The supervisor runs in the same process
+        (the host agent); without one there is nothing to drain."""
+        sup = self.containers() if self.containers else None
+        if sup is None:
+            return
+        say("kiln-updater: draining: stopping the workloads, then the host containers")
+        stopped = sup.drain(timeout=DRAIN_TIMEOUT)
+        if stopped:
+            say(f"kiln-updater: drained: {' '.join(stopped)}")
+        self._drained = sup
 
     def undrain(self) -> None:
-        from kiln.core.run import run
-
-        if self._drained:
-            run([SYSTEMCTL, "start", "--no-block", *self._drained], check=False, timeout=60)
-            self._drained = []
+        if self._drained is not None:
+            self._drained.undrain()
+            self._drained = None
 
     def reboot(self) -> None:
         from kiln.core.run import run
@@ -178,14 +181,14 @@ def configured(path: Path = CONFIG) -> bool:
         return False
 
 
-def make_loop(paths: Paths | None = None) -> Loop:
+def make_loop(paths: Paths | None = None, containers: Callable[[], Supervisor | None] | None = None) -> Loop:
     """The daemon on this host; KilnError when the host cannot be identified."""
     paths = paths or Paths()
     try:
         ident = node_id(MACHINE_ID.read_text())
     except (OSError, ValueError) as e:
         raise KilnError(f"no usable machine id ({e}): cannot identify this host") from None
-    return Loop(Updater(RealHost(paths), state_path(paths), ident))
+    return Loop(Updater(RealHost(paths, containers), state_path(paths), ident))
 
 
 def main(argv: list[str] | None = None) -> int:
