@@ -66,8 +66,8 @@ LOGS = B.CACHE / "logs"
 
 # GETs on the API socket, each on a new connection, timed connect → whole response; after the
 # interpreter and its imports, so only the agent's side counts. argv[1]: how many.
-GET = r"""
-import json, socket, sys, time
+_GET_FN = r"""
+import json, socket, subprocess, sys, time
 def get():
     t0 = time.monotonic()
     s = socket.socket(socket.AF_UNIX)
@@ -78,24 +78,20 @@ def get():
         data += chunk
     s.close()
     return time.monotonic() - t0, data.split(b" ", 2)[1].decode()
+"""
+GET = _GET_FN + r"""
 got = [get() for _ in range(int(sys.argv[1]))]
 print(json.dumps({"seconds": [t for t, _ in got], "status": sorted({s for _, s in got})}))
 """
 
 # SIGKILL the agent, then a GET at once; the split from systemd's own timestamps (CLOCK_MONOTONIC
 # in µs, the clock of time.monotonic()).
-RESTART = r"""
-import json, socket, subprocess, time
+RESTART = _GET_FN + r"""
 t_kill = time.monotonic()
 subprocess.run(["systemctl", "kill", "-s", "SIGKILL", "kiln-agent.service"], check=True)
 t0 = time.monotonic()
-s = socket.socket(socket.AF_UNIX)
-s.connect("/run/kiln/api.sock")
-s.sendall(b"GET /settings?keys=settings.motd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-data = b""
-while chunk := s.recv(65536):
-    data += chunk
-t1 = time.monotonic()
+took, status = get()
+t1 = t0 + took
 # The local API answers before READY=1 (the mTLS listener is bound in between): wait for the new
 # process's READY=1 (ActiveEnter after its exec) before reading it, at most a minute.
 while True:
@@ -110,7 +106,7 @@ while True:
     time.sleep(0.1)
 ready_seen = ready >= exec_start
 print(json.dumps({
-    "status": data.split(b" ", 2)[1].decode(),
+    "status": status,
     "kill_to_response_s": t1 - t_kill,
     "connect_to_response_s": t1 - t0,
     "kill_to_exec_s": exec_start - t_kill,

@@ -79,20 +79,12 @@ class Agent:
         self._events = threading.Event()
 
     # --- signals (main thread): only flags, the loop does the work ----------------------
-    def ask_stop(self, _sig: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
-        self._stop.set()
-        self._events.set()
-
-    def ask_reload(self, _sig: int = signal.SIGHUP, _frame: FrameType | None = None) -> None:
-        self._reload.set()
-        self._events.set()
-
-    def ask_containers_sync(self, _sig: int = signal.SIGUSR1, _frame: FrameType | None = None) -> None:
-        self._sync_containers.set()
-        self._events.set()
-
-    def ask_containers_stop(self, _sig: int = signal.SIGUSR2, _frame: FrameType | None = None) -> None:
-        self._stop_containers.set()
+    def on_signal(self, sig: int, _frame: FrameType | None = None) -> None:
+        """SIGTERM/SIGINT: stop; SIGHUP: settings.api.remote or .updates changed; SIGUSR1:
+        container settings changed (or kiln-containers.service started); SIGUSR2:
+        kiln-containers.service is stopping."""
+        {signal.SIGHUP: self._reload, signal.SIGUSR1: self._sync_containers,
+         signal.SIGUSR2: self._stop_containers}.get(signal.Signals(sig), self._stop).set()
         self._events.set()
 
     # --- the boot ------------------------------------------------------------------------
@@ -279,9 +271,6 @@ def _grow_data() -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     agent = Agent()
-    signal.signal(signal.SIGTERM, agent.ask_stop)
-    signal.signal(signal.SIGINT, agent.ask_stop)
-    signal.signal(signal.SIGHUP, agent.ask_reload)
-    signal.signal(signal.SIGUSR1, agent.ask_containers_sync)
-    signal.signal(signal.SIGUSR2, agent.ask_containers_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, agent.on_signal)
     return agent.run()
