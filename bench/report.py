@@ -137,11 +137,16 @@ def day(run: Run) -> str:
     return date[:16].replace("T", " ")
 
 
+CONVERTED = "written before every run was kept"  # how the note of a converted run starts
+
+
 def runs_table(runs: Sequence[Run], columns: Sequence[tuple[str, Callable[[Run], str]]] = ()) -> str:
     """One row per recorded run: when, which code, the machine's load, and the key figures."""
     rows = []
     for i, run in enumerate(runs, 1):
-        note = " (converted from a single-run file)" if run.get("note") else ""
+        note = run.get("note") or ""
+        if note:  # a run converted from an old single-run file, or one whose recording says how it was run
+            note = " (converted from a single-run file)" if note.startswith(CONVERTED) else f" ({note})"
         rows.append([str(i), day(run) + note, commit_cell(run), load_cell(run), *(fn(run) for _, fn in columns)])
     return table(["run", "date (UTC)", "commit", "1-min load start → end", *(h for h, _ in columns)], rows)
 
@@ -766,7 +771,75 @@ def update_section(runs: list[Run]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ containers
-def containers_section(runs: list[Run]) -> dict[str, str]:
+# Issue 14: settings change → new container serving at most 1.5× `ctr run -d` typed in the guest, admin
+# enable → running at most 1.5× a cold `ctr pull` + `ctr run` by hand (each ratio measured in one run), and
+# Kiln's memory per running container at most 3 MiB beyond containerd's shim. Judged on the supervisor's runs.
+CONTAINERS_SERVE_MAX = 1.5
+CONTAINERS_ADMIN_MAX = 1.5
+CONTAINERS_PER_CONTAINER_MAX = 3 * MiB
+PER_CONTAINER = "Kiln per running container (logger + supervisor growth)"
+SUPERVISOR_MEMORY = (
+    ("host containerd process", "host containerd process (`kiln-host-containerd.service`)"),
+    ("workload containerd process, same moment", "workload containerd process, same moment, no container"),
+    ("host containerd cgroup (with admin's shim and logger)",
+     "host containerd's cgroup (with admin's shim and logger)"),
+    ("admin's shim", "admin's shim"),
+    ("admin's logger (2 cat)", "admin's logger (two `cat`)"),
+    ("supervisor (kiln-containers.service), admin running",
+     "the supervisor (`kiln-containers.service`), admin running"),
+    ("supervisor, with the workloads", "the supervisor, with the workloads running"),
+    ("supervisor growth per workload", "— its growth per workload"),
+    ("workload logger (2 cat), per container", "one workload's logger (two `cat`)"),
+    (PER_CONTAINER, "**Kiln per running container** (logger + the supervisor's growth)"),
+    ("workload shim (median)", "one shim (containerd's, for scale)"),
+    ("workload container cgroup (median)", "one httpd container's cgroup"),
+)
+MANAGER_MEMORY = (
+    ("host containerd process", "host containerd process (`kiln-host-containerd.service`)"),
+    ("workload containerd process, same moment", "workload containerd process, same moment, no container"),
+    ("host containerd cgroup (with admin's shim)", "host containerd's cgroup (with admin's shim)"),
+    ("admin's shim", "admin's shim"),
+    ("admin manager unit", "admin manager unit (Python manager + `ctr run`)"),
+    ("workload manager unit (median)", "**one workload's manager unit**"),
+    ("workload manager: python (median)", "— the Python manager"),
+    ("workload manager: ctr run (median)", "— its `ctr run` child"),
+    ("workload shim (median)", "one shim"),
+    ("workload container cgroup (median)", "one httpd container's cgroup"),
+)
+
+
+def supervisor_design(run: Run) -> bool:
+    """A run of the supervisor's design (issue 14: one supervisor, `ctr run -d` and a logger per
+    container): its memory view has Kiln's memory per running container, which the runs of the
+    previous design (a Python manager unit per container) do not."""
+    return PER_CONTAINER in (dig(run, "result", "derived", "memory") or {})
+
+
+def _serve_ratio(run: Run) -> float | None:
+    return ratio(dig(run, "result", "derived", "kiln_later_median_s"), dig(run, "result", "derived", "floor_median_s"))
+
+
+def _admin_ratio(run: Run) -> float | None:
+    return ratio(dig(run, "result", "derived", "admin", "task_started_s"),
+                 dig(run, "result", "derived", "admin", "by_hand_s"))
+
+
+def _per_container(run: Run, field: str = "rss") -> float | None:
+    return dig(run, "result", "derived", "memory", PER_CONTAINER, field)
+
+
+def _union(runs: Sequence[Run], *path: str) -> list[str]:
+    """Every key of the dict at path, over the runs, in the order first seen."""
+    names: list[str] = []
+    for r in runs:
+        for k in dig(r, *path) or {}:
+            if k not in names:
+                names.append(k)
+    return names
+
+
+def containers_tables(runs: Sequence[Run], memory_keys: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The tables of one design's runs (never the other's)."""
     def d(r: Run, *path: str) -> Any:
         return dig(r, "result", "derived", *path)
 
@@ -777,79 +850,92 @@ def containers_section(runs: list[Run]) -> dict[str, str]:
     serve = [
         ["**kiln**, first run (pulls httpd)", sec(first), num(ratio(first, floor))],
         ["**kiln**, later runs (image present), median", sec(later), num(ratio(later, floor))],
+        ["— kiln later / floor, in each run", listing([_serve_ratio(r) for r in runs], num), ""],
         ["— when `kiln settings set` returned (median)", sec(m("kiln_cli_median_s")), ""],
         ["floor: `ctr run -d` typed in the guest, median", sec(floor), "1.00"],
     ]
-    seg_names: list[str] = []
-    for r in runs:
-        for k in d(r, "kiln_later_segments_median_s") or {}:
-            if k not in seg_names:
-                seg_names.append(k)
-    segs = [[k, sec(m("kiln_first_segments_s", k)), sec(m("kiln_later_segments_median_s", k))] for k in seg_names]
-    floor_names = list(d(runs[-1], "floor_segments_median_s") or {}) if runs else []
-    segs += [[f"floor: {k}", "", sec(m("floor_segments_median_s", k))] for k in floor_names]
-    admin_names: list[str] = []
-    for r in runs:
-        for k in dig(r, "result", "admin_enable", "segments_s") or {}:
-            if k not in admin_names:
-                admin_names.append(k)
-    admin = [[k, sec(med(dig(r, "result", "admin_enable", "segments_s", k) for r in runs))] for k in admin_names]
+    segs = [[k, sec(m("kiln_first_segments_s", k)), sec(m("kiln_later_segments_median_s", k))]
+            for k in _union(runs, "result", "derived", "kiln_later_segments_median_s")]
+    segs += [[f"floor: {k}", "", sec(m("floor_segments_median_s", k))]
+             for k in _union(runs, "result", "derived", "floor_segments_median_s")]
+    admin = [[k, sec(med(dig(r, "result", "admin_enable", "segments_s", k) for r in runs))]
+             for k in _union(runs, "result", "admin_enable", "segments_s")]
     admin += [
         ["**admin's init running**", sec(m("admin", "task_started_s"))],
         ["`GET /containers` says `running` (polled every half second)", sec(m("admin", "listed_running_s"))],
         ["`kiln settings set` returned", sec(med(dig(r, "result", "admin_enable", "cli_s") for r in runs))],
         ["by hand: cold `ctr images pull` + `ctr run -d` to process start", sec(m("admin", "by_hand_s"))],
-        ["init running / by hand", num(m("admin", "ratio init started / by hand"))],
+        ["init running / by hand, in each run", listing([_admin_ratio(r) for r in runs], num)],
     ]
     pull = [[k, sec(med(dig(r, "result", "admin_pull", "median_s", k) for r in runs))]
             for k in ("cold", "present", "fetch", "unpack")]
     pull_n = sum(len(dig(r, "result", "admin_pull", "runs") or []) for r in runs)
-    mem_keys = [
-        ("host containerd process", "host containerd process (`kiln-host-containerd.service`)"),
-        ("workload containerd process, same moment", "workload containerd process, same moment, no container"),
-        ("host containerd cgroup (with admin's shim)", "host containerd's cgroup (with admin's shim)"),
-        ("admin's shim", "admin's shim"),
-        ("admin manager unit", "admin manager unit (Python manager + `ctr run`)"),
-        ("workload manager unit (median)", "**one workload's manager unit**"),
-        ("workload manager: python (median)", "— the Python manager"),
-        ("workload manager: ctr run (median)", "— its `ctr run` child"),
-        ("workload shim (median)", "one shim"),
-        ("workload container cgroup (median)", "one httpd container's cgroup"),
-    ]
     mem_rows = [[label, *(mib(m("memory", key, f)) for f in ("memory_current", "anon", "rss", "pss", "uss"))]
-                for key, label in mem_keys]
+                for key, label in memory_keys]
     used = [["guest used memory before admin", mib(m("memory", "guest used before admin"))],
             ["with admin", mib(m("memory", "guest used with admin"))],
             ["with the workloads", mib(m("memory", "guest used with the workloads"))]]
-    idle_units: list[str] = []
-    for r in runs:
-        for k in d(r, "idle_cpu_percent", "units") or {}:
-            if k not in idle_units:
-                idle_units.append(k)
-    idle = [[k, pct(m("idle_cpu_percent", "units", k, "total"))] for k in idle_units]
-    probe_names: list[str] = []
-    for r in runs:
-        for k in dig(r, "result", "probes_s") or {}:
-            if k not in probe_names:
-                probe_names.append(k)
-    probes = [[k, sec(med(dig(r, "result", "probes_s", k) for r in runs))] for k in probe_names]
+    idle = [[k, pct(m("idle_cpu_percent", "units", k, "total"))]
+            for k in _union(runs, "result", "derived", "idle_cpu_percent", "units")]
+    probes = [[k, sec(med(dig(r, "result", "probes_s", k) for r in runs))] for k in _union(runs, "result", "probes_s")]
+    workloads = sum(len(dig(r, "result", "workloads", "kiln") or []) for r in runs)
+    floors = sum(len(dig(r, "result", "workloads", "floor") or []) for r in runs)
     return {
-        "provenance": provenance(runs, f"{sum(len(dig(r, 'result', 'workloads', 'kiln') or []) for r in runs)} "
-                                       "Kiln workloads and "
-                                       f"{sum(len(dig(r, 'result', 'workloads', 'floor') or []) for r in runs)} "
-                                       "floor containers"),
+        "provenance": provenance(runs, f"{workloads} Kiln workloads and {floors} floor containers"),
         "serve_table": table(["", "to serving", "/ floor"], serve),
         "segments": table(["where the time goes", "kiln first", "kiln later (median)"], segs),
         "admin": table(["admin: `settings set host-containers.admin.enabled=true`", "time"], admin),
-        "pull": table([f"admin image pull on the host containerd ({pull_n} cold pulls)", "time (median)"], pull),
+        "pull": table([f"admin image pull on the host containerd ({pull_n} cold pull{'s' if pull_n != 1 else ''})",
+                       "time (median)"], pull),
         "memory": table(["", "memory.current", "anon", "RSS", "PSS", "USS"], mem_rows),
         "used": table(["", ""], used),
         "idle_window": sec(m("idle_cpu_percent", "window_s"), 0),
         "idle": table(["unit", "CPU, % of one vCPU"], idle),
         "probes": table(["alone in the idle guest", "time"], probes),
         "ready": sec(med(dig(r, "result", "ready_s") for r in runs), 1),
-        "runs": runs_table(runs, [("kiln later / floor", lambda r: num(dig(r, "result", "derived", "ratios",
-                                                                            "kiln later / floor")))]),
+    }
+
+
+def containers_section(runs: list[Run]) -> dict[str, str]:
+    """The supervisor's runs (issue 14) are the current design and the only ones its targets are
+    judged on; the runs before it (a `kiln-container@KIND:NAME.service` each: a Python manager and
+    an attached `ctr run`) are shown apart, as the previous design."""
+    new = [r for r in runs if supervisor_design(r)]
+    old = [r for r in runs if not supervisor_design(r)]
+    n = len(new)
+
+    def mib_value(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f} MiB"
+
+    def supervisor_process(r: Run) -> str:
+        unit = dig(r, "result", "memory", "with_admin", "units", SUPERVISOR_UNIT)
+        argv = [" ".join(p.get("argv") or []) for p in (unit or {}).get("processes") or []]
+        return (", ".join(f"`{a}`" for a in argv) + f" in `{SUPERVISOR_UNIT}`") if argv else \
+            f"none recorded in `{SUPERVISOR_UNIT}`"
+
+    def per_container(r: Run) -> str:
+        return (f"{mib(_per_container(r), 2)} RSS / {mib(_per_container(r, 'pss'), 2)} PSS"
+                if supervisor_design(r) else "–")
+
+    return {
+        "all_provenance": provenance(runs),
+        **containers_tables(new, SUPERVISOR_MEMORY),
+        **{f"old_{k}": v for k, v in containers_tables(old, MANAGER_MEMORY).items()},
+        "serve_target": f"≤ {num(CONTAINERS_SERVE_MAX, 1)}",
+        "serve_verdict": verdict([_serve_ratio(r) for r in new], lambda x: x <= CONTAINERS_SERVE_MAX, num, n),
+        "admin_target": f"≤ {num(CONTAINERS_ADMIN_MAX, 1)}",
+        "admin_verdict": verdict([_admin_ratio(r) for r in new], lambda x: x <= CONTAINERS_ADMIN_MAX, num, n),
+        "memory_target": f"≤ {mib(CONTAINERS_PER_CONTAINER_MAX, 0)}",
+        "memory_verdict": verdict([None if (v := _per_container(r)) is None else v / MiB for r in new],
+                                  lambda x: x <= CONTAINERS_PER_CONTAINER_MAX / MiB, mib_value, n),
+        "old_serve_ratio": num(med(_serve_ratio(r) for r in old)),
+        "runs": runs_table(runs, [
+            ("design", lambda r: "supervisor" if supervisor_design(r) else "previous (a manager unit each)"),
+            ("supervisor's process", lambda r: supervisor_process(r) if supervisor_design(r) else "–"),
+            ("kiln later / floor", lambda r: num(_serve_ratio(r))),
+            ("admin init running / by hand", lambda r: num(_admin_ratio(r))),
+            ("Kiln per running container", per_container),
+        ]),
     }
 
 
@@ -1165,6 +1251,12 @@ def values(all_runs: dict[str, list[Run]]) -> dict[str, str]:
         ("guest: Kiln's resident memory at ready (agent + supervisor)", "guest_api.target", "guest_api.verdict"),
         ("guest: API first response after boot", "guest_api.first_target", "guest_api.first_verdict"),
         ("update: agent process / tightest floor", "update.target_limit", "update.verdict"),
+        ("containers: settings change → new container serving / `ctr run -d` typed in the guest (same run)",
+         "containers.serve_target", "containers.serve_verdict"),
+        ("containers: admin enable → its init running / cold `ctr pull` + `ctr run -d` by hand (same run)",
+         "containers.admin_target", "containers.admin_verdict"),
+        ("containers: Kiln's memory per running container beyond containerd's shim (RSS)",
+         "containers.memory_target", "containers.memory_verdict"),
         ("fleet simulate: whole command", "simulate.target_limit", "simulate.verdict"),
     ]
     out["targets.table"] = table(["target", "limit", "verdict"],

@@ -115,3 +115,48 @@ def test_guest_api_judges_the_agent_design_and_shows_older_runs_apart(report: Mo
     # With no run of the agent's design yet, the targets still say what they are.
     only_old = report.guest_api_section([old])
     assert only_old["target"] == "≤ 40 MiB" and only_old["verdict"].startswith("not judged: 0 measurements")
+
+
+def test_containers_judges_the_supervisor_design_and_shows_older_runs_apart(report: ModuleType) -> None:
+    mib = 1024 * 1024
+
+    def run(derived: dict[str, Any], segments: dict[str, float]) -> dict[str, Any]:
+        return {"date": "2026-12-02T12:00:00+00:00", "commit": "a" * 40, "uncommitted": [], "note": None,
+                "load": {"start": [1.0], "end": [1.0]},
+                "result": {"derived": derived, "admin_enable": {"segments_s": segments, "cli_s": 1.0},
+                           "workloads": {"kiln": [{}, {}, {}], "floor": [{}, {}, {}]}}}
+
+    old = run({"kiln_later_median_s": 3.9, "floor_median_s": 1.1,
+               "admin": {"task_started_s": 14.0, "by_hand_s": 2.0},
+               "memory": {"workload manager unit (median)": {"rss": 45 * mib}, "managers": 3}},
+              {"manager: interpreter start, imports, settings read": 1.0})
+
+    def supervisor(serve: float, admin: float, per_container: float) -> dict[str, Any]:
+        return run({"kiln_later_median_s": serve * 2.0, "floor_median_s": 2.0,
+                    "admin": {"task_started_s": admin * 4.0, "by_hand_s": 4.0},
+                    "memory": {"Kiln per running container (logger + supervisor growth)":
+                               {"rss": per_container * mib, "pss": 0.4 * mib},
+                               "supervisor growth per workload": {"rss": 0.2 * mib}, "kiln workloads": 3}},
+                   {"supervisor: prepare, ctr run -d (pull on first use) → shim up": 2.0})
+
+    runs = [old, supervisor(1.2, 2.0, 2.5), supervisor(1.4, 1.4, 2.6), supervisor(1.3, 1.2, 3.5)]
+    values = report.containers_section(runs)
+    assert values["serve_verdict"] == "**met** (median of 3 runs: 1.30)"
+    assert values["admin_verdict"] == "**met** (median of 3 runs: 1.40)"
+    assert values["memory_verdict"] == "**met** (median of 3 runs: 2.60 MiB)"
+    assert values["serve_target"] == "≤ 1.5" and values["memory_target"] == "≤ 3 MiB"
+    # Each design's tables hold its own runs only: the manager's segments and memory are not in the
+    # supervisor's tables, and the supervisor's not in the previous design's.
+    assert "manager" not in values["segments"] + values["admin"] + values["memory"]
+    assert "supervisor" not in values["old_admin"] and "Kiln per running container" not in values["old_memory"]
+    assert "| 3.90 s |" in values["old_serve_table"] and "3.90 s" not in values["serve_table"]
+    assert values["provenance"].startswith("**3 runs**") and values["old_provenance"].startswith("**1 run**")
+    assert "previous (a manager unit each)" in values["runs"] and "| supervisor |" in values["runs"]
+    # One run of the supervisor's design: its figures, no verdict.
+    one = report.containers_section([old, supervisor(1.33, 2.1, 2.64)])
+    assert one["serve_verdict"] == "not judged: 1 run, re-run needed (so far 1.33)"
+    assert one["admin_verdict"] == "not judged: 1 run, re-run needed (so far 2.10)"
+    assert one["memory_verdict"] == "not judged: 1 run, re-run needed (so far 2.64 MiB)"
+    # With none yet, the targets still say what they are, and nothing of the older runs is judged.
+    only_old = report.containers_section([old])
+    assert only_old["serve_verdict"].startswith("not judged: 0 runs") and only_old["serve_target"] == "≤ 1.5"

@@ -182,7 +182,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--json", action="store_true", help=JSON_HELP)
     c.set_defaults(func=cmd_containers)
 
-    lg = sub.add_parser("logs", help="what a container printed, with its manager's messages (the unit's journal)")
+    lg = sub.add_parser("logs", help="what a container printed and the supervisor's lines about it "
+                            "(the journal's entries under the container's id)")
     lg.add_argument("name", metavar="NAME", help="a host container, bootstrap container or workload")
     lg.add_argument("-n", "--lines", type=int, default=100, help="the last N entries (default 100, at most 10000)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new entries until interrupted")
