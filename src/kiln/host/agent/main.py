@@ -150,6 +150,9 @@ class Agent:
     def _supervise(self) -> None:
         from kiln.host.containers.supervise import Supervisor
 
+        # A SIGUSR1 from before it ran (kiln-containers.service's start at boot) is served
+        # by its first reading of the settings, not by a second one.
+        self._sync_containers.clear()
         self.containers = Supervisor()
         self.containers.serve_forever()  # returns at shutdown(); a crash is restarted
 
