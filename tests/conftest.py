@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -135,6 +136,28 @@ def boot(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..
             log = tmp_path / f"serial{i}.log"
             if log.exists():
                 print(f"--- serial log {i} (tail) ---\n" + log.read_text()[-4000:])
+
+
+# Past pytest-timeout's own limit: its SIGALRM runs only when the main thread runs Python
+# (a signal taken by another thread leaves a blocked main thread where it is), and once fired
+# it no longer covers the teardown. A test still running this long after its limit has every
+# thread's stack printed and the run ended, instead of CI's whole time used up in silence.
+WATCHDOG_GRACE = 180.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 0)
+    fd = item.config.stash.get(fault_handler_stderr_fd_key, None)
+    if limit > 0 and fd is not None:
+        faulthandler.dump_traceback_later(limit + WATCHDOG_GRACE, exit=True, file=fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.hookimpl(hookwrapper=True)

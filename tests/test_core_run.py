@@ -58,6 +58,20 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         pytest.fail(f"the grandchild {pid} survived the timeout")
 
 
+def test_timeout_returns_even_when_an_escaped_process_holds_the_output(tmp_path: Path) -> None:
+    """A daemon that left the session (setsid) keeps the pipes open past the group's SIGKILL:
+    run() still returns, naming the timeout; the daemon is this test's to end."""
+    pidfile = tmp_path / "daemon.pid"
+    start = time.monotonic()
+    try:
+        with pytest.raises(CommandError, match="timed out after 1 s"):
+            run(["/bin/sh", "-c", f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & sleep 60"], timeout=1)
+        assert time.monotonic() - start < 20
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
 # --- spawn: long-lived children ----------------------------------------------------------------
 
 

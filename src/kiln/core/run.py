@@ -165,7 +165,10 @@ def run(
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(popen.pid, signal.SIGKILL)
-                out, err = popen.communicate()
+                try:  # bounded too: a process that left the session may hold the pipes open
+                    out, err = popen.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    out, err = b"", b"(its output pipes stayed open after it was killed)"
                 raise CommandError(
                     args, -9, f"timed out after {timeout:g} s\n" + (err or b"").decode(errors="replace")
                 ) from None
