@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (repeatable)")
     p.add_argument("--user-data", type=Path, metavar="FILE",
                    help="TOML user data ([settings]), attached as a config drive (vfat, label CIDATA)")
-    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1),
+                   help="vCPUs (default: 2, or fewer on a smaller workstation; under TCG each one is a host thread)")
     p.add_argument("--memory", type=int, default=1024, help="MiB")
     p.add_argument("--disk-size", type=int, metavar="MIB", help="make the overlay disk this big (DATA grows into it)")
     p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
