@@ -498,7 +498,7 @@ def test_first_boot_user_data_is_marked_done_only_after_its_commit(
         pipeline.run(tmp_path / "ds", defaults)
     assert not (tmp_path / "user-data-state" / "early.json").exists(), "must read the user data again"
 
-    monkeypatch.setattr(applier, "run", lambda store: real_applier(store, root=tmp_path / "root", restart=False,
+    monkeypatch.setattr(applier, "run", lambda store, **kw: real_applier(store, root=tmp_path / "root", restart=False,
                                                                     cache=None, templates=TEMPLATES))
     record = pipeline.run(tmp_path / "ds", defaults)
     assert record["user-data"] == {"local-file": f"applied from {local}"}

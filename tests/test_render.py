@@ -11,6 +11,7 @@ import shutil
 import stat
 import sys
 import time
+import tomllib
 import weakref
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,33 @@ def test_only_affected_services_restart_and_a_failure_stops_no_other(
     report = apply(store, [("settings", "network", "hostname")], templates=templates, root=root)
     assert (report.services, report.written, report.restarted, report.errors) == ([], [], [], [])
     assert restarts(marker) == []
+
+
+def test_a_restart_predicate_leaves_the_refused_services_to_the_caller(
+    rig: tuple[Datastore, Templates, Path, Path],
+) -> None:
+    """What the boot does for the agent's own services: rendered, not restarted, reported."""
+    store, templates, root, marker = rig
+    store.patch({"motd": "hello", "ntp": {"time-servers": ["a", "b"]}})
+    store.commit()
+    report = apply(store, [("settings", "motd"), ("settings", "ntp", "time-servers")], templates=templates,
+                   root=root, restart=lambda cmd: "ntp-" not in cmd)
+    assert (report.restarted, report.deferred) == (["motd"], ["ntp"])
+    assert "ntp-1" not in restarts(marker) and "motd" in restarts(marker)
+    assert (root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text() == "NTP=a b\n"
+
+
+def test_the_boot_defers_exactly_the_services_the_agent_hosts() -> None:
+    """Of the image's services, the boot leaves to the agent those whose restart signals it
+    (it starts them after the pipeline); every other one is restarted as before."""
+    from kiln.host.boot.pipeline import not_the_agents
+
+    defaults = Path(__file__).resolve().parents[1] / "variants/settings/defaults.toml"
+    services = tomllib.loads(defaults.read_text())["services"]
+    deferred = sorted(n for n, svc in services.items()
+                      if not all(not_the_agents(c) for c in svc.get("restart-commands", [])))
+    assert deferred == ["api-remote", "containers", "host-containers", "updater"]
+    assert not_the_agents("/usr/bin/systemctl try-reload-or-restart systemd-timesyncd.service")
 
 
 def test_a_template_that_fails_is_reported_and_its_service_not_restarted(

@@ -21,7 +21,7 @@ from kiln.host.datastore import LAUNCH_TX, Datastore, NothingPending
 from kiln.host.render.cache import RenderCache, digest, os_release_bytes
 
 if TYPE_CHECKING:
-    from kiln.host.render.apply import ApplyReport
+    from kiln.host.render.apply import ApplyReport, Restart
     from kiln.host.render.templates import Templates
 
 
@@ -31,7 +31,7 @@ def run(
     root: Path = Path("/"),
     cache: RenderCache | None = None,
     templates: Templates | None = None,
-    restart: bool = True,
+    restart: Restart = True,
 ) -> ApplyReport | None:
     """Commit and render; None when the restored files are already current."""
     cache = cache or RenderCache()

@@ -5,6 +5,7 @@
     user data     first boot only: DATA-partition file, then config drive (later wins)
     sundog        generated settings (seed, hostname) for keys still unset
     applier       commit the launch tx, render every file, restart what already runs
+                  (not the agent's own parts: they start after this and read the files)
 
 One process rather than a unit per step: each Python start costs 0.7 s under emulation,
 more while the rest of the boot competes for the CPU, and the steps are strictly
@@ -15,6 +16,7 @@ and its time is logged and kept in /run/kiln/boot-settings.json.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +32,7 @@ from kiln.host.update.status import Paths
 USER_DATA_MARKER = Path("/var/lib/kiln/user-data/early.json")  # kiln.host.boot.userdata.STATE
 
 TIMINGS = Path("/run/kiln/boot-settings.json")
+AGENT_UNIT = "kiln-agent.service"  # the unit this pipeline runs in
 
 
 def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) -> dict[str, Any]:
@@ -57,7 +60,7 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
     record["generators"] = sundog.run(store)
     timed("sundog", t0)
     t0 = time.monotonic()
-    report = applier.run(store)
+    report = applier.run(store, restart=not_the_agents)
     record["apply"] = report.to_json() if report else "current: files restored by the initramfs"
     timed("applier", t0)
     if record.get("user-data") is not None:  # committed now: first-boot user data is done
@@ -66,6 +69,15 @@ def run(store_root: Path = DEFAULT_ROOT, defaults: Path = storewolf.DEFAULTS) ->
         userdata.mark_done("early", record["user-data"])
     record["total"] = round(time.monotonic() - start, 3)
     return record
+
+
+def not_the_agents(command: str) -> bool:
+    """Restart commands the boot runs: not those that signal the agent. The agent runs this
+    pipeline before it starts the parts they poke (the mTLS listener, the update daemon, the
+    container supervisor), which read their rendered files when they start: a reload now
+    would only make the agent do that twice, with a `systemctl` process each on the
+    critical path."""
+    return AGENT_UNIT not in shlex.split(command)
 
 
 def migrate_datastore(store_root: Path, version: str, paths: Paths | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from kiln.host.settings.keys import has_path
 
 log = logging.getLogger("kiln.render")
 RESTART_TIMEOUT = 60.0
+Restart = bool | Callable[[str], bool]  # see apply()
 
 
 @dataclass
@@ -37,9 +39,15 @@ class ApplyReport:
     restarted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # files that did not render: the host is not healthy
     failed_restarts: list[str] = field(default_factory=list)  # reported, but a bad value must not block boots
+    deferred: list[str] = field(default_factory=list)  # services whose restart the caller does itself
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The API's ApplyReport; `deferred` only where something was (the boot's record:
+        the API's applies run every restart command)."""
+        out = dict(self.__dict__)
+        if not self.deferred:
+            del out["deferred"]
+        return out
 
 
 def apply(
@@ -48,10 +56,14 @@ def apply(
     *,
     templates: Templates | None = None,
     root: Path = Path("/"),
-    restart: bool = True,
+    restart: Restart = True,
     cache: RenderCache | None = None,
 ) -> ApplyReport:
     """Render and restart for `keys` (None: everything). `root` relocates written files (tests).
+
+    `restart` is True (run every affected service's restart commands), False (none), or a
+    predicate on a command: a service with a command it refuses is left to the caller
+    (reported as deferred), e.g. the host agent, which reads those files itself later.
 
     With a `cache`, every file written or removed is mirrored there. Only a complete, clean
     render records what the files match (see kiln.host.render.cache); a partial apply or a
@@ -67,7 +79,7 @@ def _apply(
     keys: list[tuple[str, ...]] | None,
     templates: Templates,
     root: Path,
-    restart: bool,
+    restart: Restart,
     cache: RenderCache | None,
 ) -> ApplyReport:
     definitions = store.definitions()
@@ -112,7 +124,11 @@ def _apply(
             if any(f not in rendered for f in definitions.services[svc].configuration_files):
                 report.errors.append(f"service '{svc}': not restarted, a configuration file failed to render")
                 continue
-            _restart(svc, definitions.services[svc].restart_commands, report)
+            commands = definitions.services[svc].restart_commands
+            if callable(restart) and not all(restart(c) for c in commands):
+                report.deferred.append(svc)
+                continue
+            _restart(svc, commands, report)
     for problem in [*report.errors, *report.failed_restarts]:
         log.error("%s", problem)
     return report
