@@ -51,7 +51,6 @@ BOOTED_TARGET = "kiln-booted.target"
 SYSTEMCTL = "/usr/bin/systemctl"
 RETRY = 5.0  # seconds between attempts to bind the mTLS listener
 RESTART_THREAD = 10.0  # seconds before a component thread that crashed starts again
-DRAIN_TIMEOUT = 400.0  # seconds for every container to stop: the longest stop-timeout is 300 s
 
 log = logging.getLogger("kiln.agent")
 
@@ -161,7 +160,7 @@ class Agent:
         every container stopped cleanly, workloads first, then the marker its stop waits for."""
         try:
             if self.containers is not None:
-                for cid in self.containers.stop_all(timeout=DRAIN_TIMEOUT):
+                for cid in self.containers.stop_all():
                     print(f"kiln-agent: stopped container {cid}", flush=True)
         finally:
             CONTAINERS_STOPPED.parent.mkdir(parents=True, exist_ok=True)

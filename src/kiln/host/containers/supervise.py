@@ -39,6 +39,7 @@ from kiln.host.containers.spec import PERSISTENT_ROOT, Kind, Spec, from_settings
 
 SUPERVISED: tuple[Kind, ...] = ("host", "workload")  # bootstrap containers run to completion at boot
 DRAIN_ORDER: tuple[Kind, ...] = ("workload", "host")  # workloads may use what host containers provide
+DRAIN_TIMEOUT = 400.0  # seconds for a whole drain: a stop-timeout is at most 300 s (the settings model)
 
 
 @dataclass
@@ -112,9 +113,10 @@ class Supervisor:
         """Read the settings again and act on them (a settings change, SIGHUP). Returns at once."""
         self._ask("sync", None if kinds is None else frozenset(kinds))
 
-    def drain(self, kinds: Iterable[Kind] = DRAIN_ORDER, timeout: float | None = None) -> list[str]:
+    def drain(self, kinds: Iterable[Kind] = DRAIN_ORDER, timeout: float = DRAIN_TIMEOUT) -> list[str]:
         """Stop the containers of `kinds` (SIGTERM, SIGKILL after each one's stop-timeout), workloads
-        before host containers, and keep them stopped until `undrain`; blocks until they are.
+        before host containers, and keep them stopped until `undrain`; blocks until they are
+        (KilnError after `timeout` seconds for a kind).
         Returns the ids stopped."""
         stopped: list[str] = []
         for kind in [k for k in DRAIN_ORDER if k in set(kinds)]:
@@ -129,7 +131,7 @@ class Supervisor:
         """Start what `drain` stopped (what the settings still declare)."""
         self._ask("undrain")
 
-    def stop_all(self, timeout: float | None = None) -> list[str]:
+    def stop_all(self, timeout: float = DRAIN_TIMEOUT) -> list[str]:
         """Every container stopped cleanly, workloads first; they stay stopped."""
         return self.drain(DRAIN_ORDER, timeout)
 

@@ -39,7 +39,6 @@ APP_ID = uuid.UUID("5d3b0a4e-7c1f-4f38-9a61-2e8f0b6c4d17")
 MACHINE_ID = Path("/etc/machine-id")
 CONFIG = Path("/etc/kiln/updater")  # rendered from settings.updates.strategy
 SYSTEMCTL = "/usr/bin/systemctl"
-DRAIN_TIMEOUT = 400.0  # seconds for a drain: the longest stop-timeout is 300 s
 
 
 def node_id(machine_id: str, app: uuid.UUID = APP_ID) -> str:
@@ -113,7 +112,7 @@ class RealHost:
         if sup is None:
             return
         say("kiln-updater: draining: stopping the workloads, then the host containers")
-        stopped = sup.drain(timeout=DRAIN_TIMEOUT)
+        stopped = sup.drain()
         if stopped:
             say(f"kiln-updater: drained: {' '.join(stopped)}")
         self._drained = sup
