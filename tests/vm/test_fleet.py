@@ -127,7 +127,8 @@ def _rollout(disk1: Path, v2: Path, v31: Path, repo: Path, repo_port: int, serve
     for i in range(2):
         ud = user_data(tmp_path / f"ud{i}.toml", repo_port=repo_port,
                        fleet_port=server.port, health_port=health.port, reg=reg, name=f"fleet-{i}")
-        vms.append(boot(raw_copy(disk1, tmp_path / f"disk{i}.img"), overlay=False, cpus=1, user_data=ud))
+        # two vCPUs each: the hosts reboot one at a time, and the one rebooting then has both cores
+        vms.append(boot(raw_copy(disk1, tmp_path / f"disk{i}.img"), overlay=False, cpus=2, user_data=ud))
     for vm in vms:
         assert vm.wait_ready(420).group(1, 3) == ("1.0.0", "A")
         vm.wait_for(r"kiln-updater: id [0-9a-f]{32}", 120)
