@@ -195,18 +195,22 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     assert len(entries) == 1 and entries[0]["time"] > 1.7e9
     # kiln logs -f: what happens next arrives while it follows; Ctrl-C ends it.
     with subprocess.Popen(host.argv("logs", "-f", "-n", "1", "web"), stdout=subprocess.PIPE, text=True) as follow:
-        assert follow.stdout is not None
-        first = follow.stdout.readline()  # the last entry so far: following has begun
-        assert first.strip(), first
-        again = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
-        assert again and again.group(1) != pid.group(1)
-        vm.check(f"kill -9 {again.group(1)}")
-        shown = lines_until(follow, "exited with status 137; restart 2 in", 120)
-        assert shown[-1:] and "restart 2 in" in shown[-1], (
-            f"kiln logs -f did not show the second restart in 120 s; it showed {[first, *shown]}; the unit's "
-            f"journal: {vm.sh('journalctl -n 30 -t workload-web')[1]}")
-        follow.send_signal(signal.SIGINT)
-        assert follow.wait(30) == 0
+        try:
+            assert follow.stdout is not None
+            first = follow.stdout.readline()  # the last entry so far: following has begun
+            assert first.strip(), first
+            again = re.search(r"^workload-web\s+(\d+)\s+RUNNING", host.tasks("containerd"), re.M)
+            assert again and again.group(1) != pid.group(1)
+            vm.check(f"kill -9 {again.group(1)}")
+            shown = lines_until(follow, "exited with status 137; restart 2 in", 120)
+            assert shown[-1:] and "restart 2 in" in shown[-1], (
+                f"kiln logs -f did not show the second restart in 120 s; it showed {[first, *shown]}; the "
+                f"journal: {vm.sh('journalctl -n 30 -t workload-web; journalctl -n 40 -u kiln-agent')[1]}")
+            follow.send_signal(signal.SIGINT)
+            assert follow.wait(30) == 0
+        except BaseException:
+            follow.kill()  # a stream that follows never ends: Popen's exit would wait for it forever
+            raise
     assert host.until("serving once more", host.web) == "hello from a bootstrap container\n"
 
     # --- workload mounts stay in /local (real ctr and runc).
