@@ -8,6 +8,7 @@ over plain HTTP because its user data says so for that registry.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import re
@@ -83,6 +84,19 @@ class Host:
 def refusing() -> Iterator[int]:
     with refusing_registry() as port:
         yield port
+
+
+@contextlib.contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """A run started in the background (`nohup … &`, a CI script) ignores SIGINT, and an ignored
+    signal stays ignored across exec: a child started then never sees the Ctrl-C a test sends
+    it. A handler, unlike SIG_IGN, is reset by exec, so children started inside this block
+    begin with SIGINT's default (Python's KeyboardInterrupt)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def lines_until(proc: subprocess.Popen[str], text: str, timeout: float) -> list[str]:
@@ -194,7 +208,9 @@ mounts = [{{ source = "/local/www", destination = "/www", read-only = true }}]
     entries = [json.loads(line) for line in host.ok("logs", "web", "-n", "1", "--json").splitlines()]
     assert len(entries) == 1 and entries[0]["time"] > 1.7e9
     # kiln logs -f: what happens next arrives while it follows; Ctrl-C ends it.
-    with subprocess.Popen(host.argv("logs", "-f", "-n", "1", "web"), stdout=subprocess.PIPE, text=True) as follow:
+    with ctrl_c_reaches_children():
+        follow = subprocess.Popen(host.argv("logs", "-f", "-n", "1", "web"), stdout=subprocess.PIPE, text=True)
+    with follow:
         try:
             assert follow.stdout is not None
             first = follow.stdout.readline()  # the last entry so far: following has begun
