@@ -465,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
                 if got == signal.SIGHUP:
                     sup.request_sync()
                 elif got in (signal.SIGTERM, signal.SIGINT):
-                    for cid in sup.stop_all():
-                        print(f"kiln-containers: stopped {cid}", flush=True)
+                    try:
+                        for cid in sup.stop_all():
+                            print(f"kiln-containers: stopped {cid}", flush=True)
+                    except KilnError as e:  # past the drain limit: say so, not a traceback
+                        print(f"kiln-containers: {e}", file=sys.stderr, flush=True)
+                        return 1
                     return 0
         print("kiln-containers: the supervisor loop ended unexpectedly", file=sys.stderr, flush=True)
         return 1  # systemd restarts the service, which adopts what runs
