@@ -333,9 +333,11 @@ def overlap(intervals: list[tuple[float, float]]) -> int:
 HOSTS, GROUPS, SLOTS = 200, 5, 2
 # The k-th host's update, real against predicted, at most this far apart (and on average), over
 # a rollout of about 80 s. Measured on the 2-core machine while other tests ran (load 1 to 15):
-# 2.3 to 4.3 s at most, 0.61 to 1.72 s on average; the reboot draws differ between the two runs.
+# 2.3 to 4.8 s at most, 0.61 to 2.01 s on average (2.01 with a VM booting beside the suite); the
+# reboot draws differ between the two runs. A simulator that ignored the slots or the waves would
+# be tens of seconds off, so the margin does not hide one.
 TOLERANCE_S = 6.0
-MEAN_TOLERANCE_S = 2.0
+MEAN_TOLERANCE_S = 3.0
 REBOOT = "uniform:2s-4s"
 
 

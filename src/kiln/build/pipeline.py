@@ -162,7 +162,7 @@ def build(opts: BuildOptions, progress: Progress) -> BuildResult:
         images = work / "images"
         images.mkdir()
         root_img, hash_img = images / "root.img", images / "hash.img"
-        with progress.step("erofs", "lz4hc"):
+        with progress.step("erofs", tools.EROFS_COMPRESSOR):
             tools.mkfs_erofs(root_img, root, mtime=opts.sde, fs_uuid=uuid.uuid5(NAMESPACE, f"root:{build_id}"))
             if root_img.stat().st_size > v.partitions.root:
                 raise KilnError(

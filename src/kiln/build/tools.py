@@ -9,10 +9,20 @@ from pathlib import Path
 
 from kiln.core.run import run
 
+# lz4 decompresses at the same speed whatever the level, so the level only trades build time
+# for size. Measured on the default variant's tree (ROOT partition): 4 KiB clusters at level 12
+# gave 115.6 MiB in 14.2 s; 64 KiB clusters with tail packing give 96.2 MiB in 8.6 s at level 9
+# (95.9 MiB in 34.9 s at 12). Needs Linux >= 5.17 (big pclusters, ztailpacking).
+EROFS_COMPRESSOR = "lz4hc,9"
+EROFS_PCLUSTER = 64 * 1024
 
-def mkfs_erofs(image: Path, tree: Path, *, mtime: int, fs_uuid: uuid.UUID, compressor: str = "lz4hc,12") -> None:
+
+def mkfs_erofs(image: Path, tree: Path, *, mtime: int, fs_uuid: uuid.UUID) -> None:
     image.unlink(missing_ok=True)
-    run(["mkfs.erofs", "--quiet", f"-z{compressor}", f"-T{mtime}", f"-U{fs_uuid}", image, tree])
+    run([
+        "mkfs.erofs", "--quiet", f"-z{EROFS_COMPRESSOR}", f"-C{EROFS_PCLUSTER}", "-Eztailpacking",
+        f"-T{mtime}", f"-U{fs_uuid}", image, tree,
+    ])
 
 
 def mkfs_fat(image: Path, size: int, *, label: str, volume_id: int, files: Mapping[str, Path], mtime: int) -> None:
