@@ -278,6 +278,8 @@ class Harness:
                 sup.shutdown()
                 thread.join(30)
                 assert not thread.is_alive(), "the supervisor did not stop"
+            # before the fixture stops containerd under it
+            assert sup.wait_collected(60), "an image collection did not end"
 
 
 @pytest.fixture

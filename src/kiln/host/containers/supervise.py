@@ -143,6 +143,14 @@ class Supervisor:
     def serve_forever(self) -> None:
         self.run(self._stop)
 
+    def wait_collected(self, timeout: float) -> bool:
+        """Wait for an image collection in flight (it outlives `run`); False on timeout. For
+        a caller that is about to stop containerd, so the collection does not fail late."""
+        if not self._collecting.acquire(timeout=timeout):
+            return False
+        self._collecting.release()
+        return True
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, stop_event: threading.Event | None = None) -> None:
