@@ -700,7 +700,8 @@ def update_section(runs: list[Run]) -> dict[str, str]:
     phase_rows = [[k, sec(med(dig(a, "phases", k, "wall_s") for a in agent)),
                    sec(med(dig(a, "phases", k, "agent_cpu_s") for a in agent)),
                    sec(med(dig(a, "phases", k, "zstd_cpu_s") for a in agent))] for k in phase_names]
-    rest = med(a["total_s"] - sum(p["wall_s"] for p in (a.get("phases") or {}).values()) for a in agent)
+    rest = med(a["total_s"] - sum(p["wall_s"] for k, p in (a.get("phases") or {}).items() if "beside" not in k)
+               for a in agent)  # a phase run beside another (its own thread) overlaps it
     phase_rows.append(["rest: status file, grubenv reads, choosing", sec(rest), "", ""])
     phase_rows.append(["before these: importing the agent's modules (timed inside the child)",
                        sec(med(a.get("imports_s") for a in agent)), "", ""])

@@ -316,8 +316,9 @@ def test_image_that_does_not_match_its_signed_hash(tmp_path: Path, disk: Path, r
 
 def test_root_image_that_does_not_match_its_verity_root_hash(tmp_path: Path, disk: Path, repo: ControlledRepo,
                                                              releases: dict[str, Path]) -> None:
-    """Every image is written and matches its signed sha256, but the signed root hash is
-    another: refused when the slot is read back as dm-verity will, before mark-inactive-valid."""
+    """Every image is written with its signed length (boot and hash with their signed sha256;
+    root's content check is this one), but the signed root hash is another: refused when
+    the slot is read back as dm-verity will, before mark-inactive-valid."""
     def wrong_root_hash(doc: dict[str, Any], dest: Path) -> None:
         doc["verity"]["root_hash"] = hashlib.sha256(b"another root").hexdigest()
 

@@ -80,7 +80,9 @@ class Slots:
     def partitions(self, slot: str) -> dict[str, Region]:
         return {key: self.disk.region(layout.part_name(key, slot)) for key in ("boot", "root", "hash")}
 
-    def write_image(self, slot: str, key: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+    def write_image(
+        self, slot: str, key: str, chunks: Iterable[bytes], *, digest: bool = True
+    ) -> tuple[int, str | None]:
         """Stream an image into the *inactive* slot's partition `key` (boot, root or hash).
 
         Refused unless the slot is cleared (it cannot be booted while half-written)."""
@@ -89,4 +91,4 @@ class Slots:
             raise SlotError(f"refusing to write slot {slot}: it is the running slot")
         if st.flags(slot) != Flags(0, 0, False):
             raise SlotError(f"refusing to write slot {slot}: it is not cleared", hint="run clear-inactive first")
-        return write_partition(self.partitions(slot)[key], chunks)
+        return write_partition(self.partitions(slot)[key], chunks, digest=digest)
