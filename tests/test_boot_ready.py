@@ -110,7 +110,17 @@ def test_a_failed_ready_target_fails_at_once() -> None:
     units = Units(**{"kiln-ready.target": ["failed"]})
     reason = health.wait_healthy(health.Check(("containerd.service",), timeout=3600), states=units)
     assert reason == f"{health.READY_TARGET} was not reached (failed): a unit the host needs failed"
-    assert units.polls == [[health.READY_TARGET]]  # no waiting for the other units
+    assert len(units.polls) == 1  # one query (the target with the units), no waiting for them
+
+
+def test_a_ready_target_seen_started_is_not_asked_again() -> None:
+    """The agent saw `systemctl start kiln-ready.target` succeed: no process asks again."""
+    units = Units(containerd=["active"], **{"kiln-ready.target": ["failed"]})  # failed, if it were asked
+    assert health.wait_healthy(health.Check(), states=units, target_reached=True) is None
+    assert units.polls == []
+    check = health.Check(("containerd.service",), timeout=0)
+    assert health.wait_healthy(check, states=units, poll=0, target_reached=True) is None
+    assert units.polls == [["containerd.service"]]
 
 
 def test_healthy_once_the_units_come_up(http: Health) -> None:

@@ -103,10 +103,12 @@ class Agent:
         from kiln.host.boot import ready
 
         done = self.gate_record.exists()
+        reached = False
         if not done:
             notify(f"STATUS=starting {READY_TARGET}")
             started = run([SYSTEMCTL, "start", READY_TARGET], check=False)
-            if started.returncode != 0:  # the gate says which unit; this is for the journal
+            reached = started.returncode == 0  # the job completed: the target is active
+            if not reached:  # the gate says which unit; this is for the journal
                 print(f"kiln-agent: {READY_TARGET}: {started.stderr.decode().strip()}", file=sys.stderr, flush=True)
         # After the bootstrap containers (they ran to completion in the ready target), as
         # Bottlerocket orders them; beside the health gate, which may wait for a workload.
@@ -114,7 +116,7 @@ class Agent:
         if not done:
             notify("STATUS=health gate")
             try:
-                ok = ready.boot_gate(broken)
+                ok = ready.boot_gate(broken, target_reached=reached)
             except Exception:  # a bug in the gate: the host is not ready, and the boot goes on
                 traceback.print_exc()
                 ok = False

@@ -63,16 +63,22 @@ def _http_ok(url: str) -> str | None:
         return str(getattr(e, "reason", e))
 
 
-def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_ok, poll: float = POLL) -> str | None:
+def wait_healthy(check: Check, *, states: Any = _unit_states, http: Any = _http_ok, poll: float = POLL,
+                 target_reached: bool = False) -> str | None:
     """Poll until every unit is active and the HTTP check passes; None when healthy,
     else the reason (which unit, which answer) once the timeout has passed. The ready
-    target is checked once: it has finished (reached or failed) when this runs."""
-    ready = states([READY_TARGET])[READY_TARGET]
-    if ready != "active":
-        return f"{READY_TARGET} was not reached ({ready}): a unit the host needs failed"
+    target is checked once, in the first query: it has finished (reached or failed) when
+    this runs. `target_reached`: the caller saw `systemctl start` of it succeed, so no
+    process is started to ask again (each costs about half a second under emulation)."""
     deadline = time.monotonic() + check.timeout
+    first = True
     while True:
-        problems = [f"{u} is {s}" for u, s in states(list(check.units)).items() if s != "active"] if check.units else []
+        ask = list(check.units) if target_reached or not first else [READY_TARGET, *check.units]
+        seen = states(ask) if ask else {}
+        if first and not target_reached and (ready := seen.pop(READY_TARGET)) != "active":
+            return f"{READY_TARGET} was not reached ({ready}): a unit the host needs failed"
+        first = False
+        problems = [f"{u} is {s}" for u, s in seen.items() if s != "active"]
         if check.http and not problems and (err := http(check.http)):
             problems.append(f"health check {check.http}: {err}")
         if not problems:

@@ -10,6 +10,7 @@ successful. A new version that fails the gate reboots into the previous one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -155,17 +156,19 @@ def confirm(slots: Slots, paths: Paths, version: str, *, settings: dict[str, Any
     return True
 
 
-def boot_gate(broken: str | None = None) -> bool:
+def boot_gate(broken: str | None = None, *, target_reached: bool = False) -> bool:
     """The boot's gate on a real host, once kiln-ready.target has finished starting: True
     when the slot was marked successful and the ready line printed. `broken` is why the
-    host cannot be healthy whatever the checks say (the settings pipeline failed)."""
+    host cannot be healthy whatever the checks say (the settings pipeline failed);
+    `target_reached`: the caller's `systemctl start` of the target succeeded."""
     slot = booted_slot()
     if slot is None:
         print("kiln: not booted through Kiln's boot chain (no kiln.slot=)", file=sys.stderr)
         return False
     version = os_release().get("version_id", "?")
     try:
-        if not confirm(Slots.open(active=slot), Paths(), version, skipped=skipped_slot(), broken=broken):
+        wait = functools.partial(health.wait_healthy, target_reached=target_reached)
+        if not confirm(Slots.open(active=slot), Paths(), version, skipped=skipped_slot(), broken=broken, wait=wait):
             return False
     except KilnError as e:
         print(f"kiln: cannot mark slot {slot} successful: {e}", file=sys.stderr)
