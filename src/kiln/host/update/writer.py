@@ -40,7 +40,6 @@ def decompress(chunks: Iterable[bytes], limit: int, what: str) -> Iterator[bytes
         ["zstd", "-d", "-c", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdin and proc.stdout and proc.stderr
-    failure: list[BaseException] = []
 
     def feed() -> None:
         assert proc.stdin
@@ -49,15 +48,14 @@ def decompress(chunks: Iterable[bytes], limit: int, what: str) -> Iterator[bytes
                 proc.stdin.write(chunk)
         except BrokenPipeError:
             pass  # zstd stopped reading: its exit status says why
-        except BaseException as e:
-            failure.append(e)
+        except BaseException:
             proc.kill()
+            raise  # to the reader, by feeder.result()
         finally:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
 
-    feeder = threading.Thread(target=feed, name=f"feed-{what}", daemon=True)
-    feeder.start()
+    feeder = Background(feed, name=f"feed-{what}")
     total = 0
     try:
         while data := proc.stdout.read(CHUNK):
@@ -65,9 +63,7 @@ def decompress(chunks: Iterable[bytes], limit: int, what: str) -> Iterator[bytes
             if total > limit:
                 raise UntrustedUpdate(f"{what}: decompresses to more than the signed {limit} bytes")
             yield data
-        feeder.join()
-        if failure:
-            raise failure[0]
+        feeder.result()
         if proc.wait() != 0:
             err = proc.stderr.read().decode(errors="replace").strip()
             raise UntrustedUpdate(f"{what}: not a valid zstd stream ({err or f'zstd exit {proc.returncode}'})")
@@ -137,8 +133,8 @@ class Background:
         except BaseException as e:  # handed to the caller by result()
             self._error = e
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def result(self) -> None:
         self.join()
