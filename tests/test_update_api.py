@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any, cast
 
 import pytest
 
-import kiln.host.cli.update as cli_update
 from kiln.core.errors import KilnError
 from kiln.host.api.routes import Api, Request, Response
 from kiln.host.api.server import LocalServer
@@ -154,6 +154,33 @@ def test_status_shape(call: Call, doc: dict[str, Any]) -> None:
     assert st["most_recent_command"] is None and st["last_failure"] is None
 
 
+def test_status_long_poll_is_answered_when_a_command_begins_or_after_its_wait(call: Call, updates: Updates) -> None:
+    rev = call.status()["revision"]
+    started = time.monotonic()
+    r = call("GET", f"/updates/status?since={rev}&wait=0.3")
+    assert r.body["revision"] == rev and time.monotonic() - started >= 0.3  # nothing changed: held for `wait`
+
+    answers: list[Response] = []
+    poll = threading.Thread(target=lambda: answers.append(call("GET", f"/updates/status?since={rev}&wait=20")))
+    poll.start()
+    time.sleep(0.3)
+    assert poll.is_alive() and not answers, "the poll answered before anything changed"
+    started = time.monotonic()
+    call("POST", "/actions/refresh-updates")
+    poll.join(10)
+    assert answers and time.monotonic() - started < 5, "the poll was not answered when the command began"
+    assert answers[0].body["revision"] != rev and answers[0].body["most_recent_command"]["cmd_type"] == "refresh"
+    updates.wait()
+    r = call("GET", f"/updates/status?since={rev}&wait=20")  # an old revision: answered at once
+    assert r.body["most_recent_command"]["cmd_status"] == "Success"
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "nan", "inf", "soon"])
+def test_status_wait_out_of_range_is_400_naming_it(call: Call, wait: str) -> None:
+    r = call("GET", f"/updates/status?since=0&wait={wait}")
+    assert r.status == 400 and r.body["path"] == "wait" and wait in r.body["detail"], r.body
+
+
 def test_refresh_then_available(call: Call, updates: Updates) -> None:
     r = call("POST", "/actions/refresh-updates")
     assert (r.status, r.body) == (202, {"command": "refresh", "status": "/updates/status"})
@@ -279,9 +306,8 @@ def socket_path(tmp_path: Path, api: Api) -> Iterator[Path]:
 
 
 @pytest.fixture
-def kiln(socket_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
-    """`kiln --socket SOCK ARGS...` (test_cli_api's runner), polling the status quickly."""
-    monkeypatch.setattr(cli_update, "POLL", 0.02)
+def kiln(socket_path: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    """`kiln --socket SOCK ARGS...` (test_cli_api's runner)."""
     return Run(cast(ApiHost, SimpleNamespace(socket=socket_path)), capsys)
 
 

@@ -1,11 +1,11 @@
 """The update routes (Bottlerocket's thar-be-updates API), registered on the shared table.
 
-    GET  /updates/status
+    GET  /updates/status[?since=REVISION&wait=S]   a long poll with since: answered on a change
     POST /actions/refresh-updates | prepare-update | activate-update | deactivate-update
     POST /actions/rollback[?reboot=false]
     POST /actions/retry-update?version=V   forget this host's failures of V
 
-Commands are started and answered with 202; clients poll the status. 409: not allowed in
+Commands are started and answered with 202; clients long-poll the status. 409: not allowed in
 the current state; 423: another update command is running.
 """
 
@@ -23,7 +23,16 @@ COMMANDS = {
 
 @route("GET", "/updates/status")
 def update_status(api: Api, req: Request) -> Response:
-    return Response(200, api.updates().status())
+    from kiln.host.update.control import MAX_WAIT
+
+    since, text = req.arg("since"), req.arg("wait", "0") or "0"
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT:  # also refuses nan
+        raise ApiError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}, not '{text}'", "wait")
+    return Response(200, api.updates().status(since, wait))
 
 
 def _start(api: Api, req: Request) -> Response:

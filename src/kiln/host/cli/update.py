@@ -1,9 +1,9 @@
 """`kiln update check|apply|cancel|status` and `kiln rollback` (apiclient update …).
 
-Each command starts an update action through the API and polls `/updates/status` until
-the agent has finished it, so the same commands work on the host (local socket) and from
-a workstation (mTLS). Long steps report progress on a terminal; `--json` prints only the
-final status.
+Each command starts an update action through the API and long-polls `/updates/status`
+(answered when the status file changes) until the agent has finished it, so the same
+commands work on the host (local socket) and from a workstation (mTLS). Long steps
+report progress on a terminal; `--json` prints only the final status.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from kiln.core.errors import KilnError
 from kiln.host.api.client import ApiRefused, ApiUnreachable, Client
 from kiln.host.cli.api import _client
 
-POLL = 0.5
+WAIT = 20.0  # a long poll's longest wait (the agent holds at most 30 s)
+RETRY = 0.5  # while the API is restarting
 TIMEOUTS = {"refresh": 300.0, "prepare": 3600.0, "activate": 120.0, "deactivate": 120.0}
 PATHS = {
     "refresh": "/actions/refresh-updates",
@@ -30,18 +31,20 @@ PATHS = {
 
 def run_command(client: Client, command: str, *, show: bool) -> dict[str, Any]:
     """Start `command`, wait for its result; KilnError if it failed (its message)."""
-    before = client.request("GET", "/updates/status")
-    seen = int((before.get("most_recent_command") or {}).get("id", 0))
+    st: dict[str, Any] = client.request("GET", "/updates/status")
+    seen = int((st.get("most_recent_command") or {}).get("id", 0))
     client.request("POST", PATHS[command])
     deadline = time.monotonic() + TIMEOUTS[command]
     last = ""
     while True:
-        time.sleep(POLL)
+        # a long poll: the agent answers when the status file changes (progress, the end)
+        wait = max(0.0, min(WAIT, deadline - time.monotonic()))
         try:
-            st: dict[str, Any] = client.request("GET", "/updates/status")
+            st = client.request("GET", f"/updates/status?since={st.get('revision', '')}&wait={wait:.1f}")
         except ApiUnreachable:
             if time.monotonic() > deadline:
                 raise
+            time.sleep(RETRY)
             continue  # the API restarts on demand (socket activation)
         cmd = st.get("most_recent_command") or {}
         if int(cmd.get("id", 0)) > seen and cmd.get("cmd_status") != "Running":

@@ -6,8 +6,9 @@ the update daemon's commands run in the same process under the same lock. The st
 API server (tests, development) starts `python3 -m kiln.host.update.agent CMD` instead
 (`spawn`), as thar-be-updates forks updog. Either way the server takes the update lock
 first and hands the locked file over, so a second request is refused (423) at once and a
-refused state (409) is reported before anything starts. The caller polls
-`GET /updates/status`; a command cut off by a crash is reconciled from the status file.
+refused state (409) is reported before anything starts. The caller long-polls
+`GET /updates/status?since=REVISION&wait=S`; a command cut off by a crash is reconciled
+from the status file.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from kiln.host.slot import Slots
 from kiln.host.update.agent import acquire
 from kiln.host.update.status import Paths, current
+
+WATCH = 0.05  # how often a long poll looks at the status file (a stat call)
+MAX_WAIT = 30.0  # the longest a long poll is held, well under a client's timeout
 
 Launcher = Callable[[str, int], None]  # (command, locked fd): must close the fd when done
 
@@ -75,9 +81,20 @@ class UpdateControl:
         self.version = version or _running_version
         self.launch = launch
 
-    def status(self) -> dict[str, Any]:
+    def status(self, since: str | None = None, wait: float = 0.0) -> dict[str, Any]:
+        """The status; its `revision` names the status file's version. A long poll when
+        `since` is the revision a client last saw: answered once the file changed (a
+        command began or ended, or progress moved), or after `wait` seconds. A client
+        waiting on a prepare then asks about once per change instead of twice a second,
+        and learns of the end at once."""
+        if since is not None:
+            deadline = time.monotonic() + wait
+            while revision(self.paths.status) == since and time.monotonic() < deadline:
+                time.sleep(WATCH)
+        rev = revision(self.paths.status)  # before reading: a change after it is seen next time
         doc = asdict(current(self.paths, self.slots().state().to_json(), self.version()))
         doc["daemon"] = daemon_status(self.paths)
+        doc["revision"] = rev
         return doc
 
     def retry(self, version: str) -> int:
@@ -109,6 +126,16 @@ class UpdateControl:
         finally:
             os.close(fd)
         return state.to_json()
+
+
+def revision(path: Path) -> str:
+    """The status file's version: it is replaced by a rename on every save, so its inode
+    and modification time change together ("0" before the first command)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "0"
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}"
 
 
 def daemon_status(paths: Paths) -> dict[str, Any] | None:
