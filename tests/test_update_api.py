@@ -175,6 +175,19 @@ def test_status_long_poll_is_answered_when_a_command_begins_or_after_its_wait(ca
     assert r.body["most_recent_command"]["cmd_status"] == "Success"
 
 
+def test_a_held_long_poll_is_answered_when_the_server_stops(call: Call, api: Api) -> None:
+    rev = call.status()["revision"]
+    answers: list[Response] = []
+    poll = threading.Thread(target=lambda: answers.append(call("GET", f"/updates/status?since={rev}&wait=20")))
+    poll.start()
+    time.sleep(0.3)
+    assert poll.is_alive()
+    started = time.monotonic()
+    api.close()  # what a stopping server does before it waits for its requests in flight
+    poll.join(10)
+    assert answers and answers[0].status == 200 and time.monotonic() - started < 2
+
+
 @pytest.mark.parametrize("wait", ["-1", "31", "nan", "inf", "soon"])
 def test_status_wait_out_of_range_is_400_naming_it(call: Call, wait: str) -> None:
     r = call("GET", f"/updates/status?since=0&wait={wait}")

@@ -260,6 +260,8 @@ class Agent:
             self.updater.stop()
         if self.containers is not None:
             self.containers.shutdown()  # the containers keep running: the next start adopts them
+        if self.api is not None:
+            self.api.close()
         for srv in (self.local, self.remote):
             if srv is not None:
                 srv.shutdown()

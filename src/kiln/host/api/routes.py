@@ -167,6 +167,12 @@ class Api:
             logging.getLogger("kiln.api").exception("internal error on %s %s", req.method, req.path)
             return Response(500, ApiError(500, f"internal error: {type(e).__name__}").body())
 
+    def close(self) -> None:
+        """Answer the requests held open (update long polls) now: a stopping server waits
+        for every request in flight."""
+        if self._update_control is not None:
+            self._update_control.stopping.set()
+
     def updates(self) -> UpdateControl:
         if self.update_factory is None:
             raise ApiError(409, "updates are not available here")

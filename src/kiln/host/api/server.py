@@ -352,6 +352,9 @@ def serve(server: socketserver.BaseServer) -> None:
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        api = getattr(server, "api", None)
+        if isinstance(api, Api):
+            api.close()
         server.server_close()
 
 

@@ -80,6 +80,7 @@ class UpdateControl:
         self.slots = slots
         self.version = version or _running_version
         self.launch = launch
+        self.stopping = threading.Event()  # set when the server stops: held long polls answer now
 
     def status(self, since: str | None = None, wait: float = 0.0) -> dict[str, Any]:
         """The status; its `revision` names the status file's version. A long poll when
@@ -90,7 +91,8 @@ class UpdateControl:
         if since is not None:
             deadline = time.monotonic() + wait
             while revision(self.paths.status) == since and time.monotonic() < deadline:
-                time.sleep(WATCH)
+                if self.stopping.wait(WATCH):
+                    break
         rev = revision(self.paths.status)  # before reading: a change after it is seen next time
         doc = asdict(current(self.paths, self.slots().state().to_json(), self.version()))
         doc["daemon"] = daemon_status(self.paths)
