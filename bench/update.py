@@ -447,7 +447,7 @@ def milestones(clock: B.SerialClock, sent: float, ready: str) -> dict[str, float
 
     return {
         "first_progress_line": at(r"writing root:"),
-        "hash_progress": at(r"writing hash:"),  # the CLI polls every 0.5 s: ±0.5 s
+        "hash_progress": at(r"writing hash:"),  # the agent records each image's start; the CLI long-polls
         "boot_progress": at(r"writing boot:"),
         "state_ready": at(r"state: Ready"),
         "restarting": at(r"reboot: Restarting system"),

@@ -185,13 +185,14 @@ class Agent:
         st.update_state = STAGED
 
     def _recorder(self, st: Status) -> Progress:
-        """Progress into the status file, at most once a second (clients poll it)."""
-        last = [0.0]
+        """Progress into the status file (clients long-poll it): as each image begins and
+        ends, and at most once a second between."""
+        last: list[Any] = [0.0, ""]
 
         def record(image: str, done: int, total: int) -> None:
             now = time.monotonic()
-            if now - last[0] >= 1.0 or done == total:
-                last[0] = now
+            if now - last[0] >= 1.0 or done == total or image != last[1]:
+                last[:] = [now, image]
                 st.progress = {"image": image, "done": done, "total": total}
                 st.save(self.paths.status)
 
