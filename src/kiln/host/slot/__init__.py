@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.core.errors import KilnError
-from kiln.host.slot.disk import Disk, GrubenvStore, Region, write_partition
 from kiln.host.slot.state import SLOTS, TRANSITIONS, Flags, SlotError, SlotState
-from kiln.image import layout
+
+if TYPE_CHECKING:
+    from kiln.host.slot.disk import Disk, Region
+
+# The disk code (GPT, FAT, grubenv) is imported when a Slots is made, not with the package:
+# `kiln` commands that only talk to the API import this package to register `kiln slot`.
 
 __all__ = ["SLOTS", "Flags", "SlotError", "SlotState", "Slots"]
 
@@ -42,12 +47,16 @@ class Slots:
     def __init__(self, disk: Disk, active: str | None) -> None:
         if active is not None and active not in SLOTS:
             raise KilnError(f"active slot must be A or B, got {active!r}")
+        from kiln.host.slot.disk import GrubenvStore
+
         self.disk = disk
         self.store = GrubenvStore(disk)
         self.active = active
 
     @classmethod
     def open(cls, image: Path | None = None, active: str | None = None) -> Slots:
+        from kiln.host.slot.disk import Disk
+
         if image is not None:
             return cls(Disk.from_image(image), active)
         return cls(Disk.from_host(), active or booted_slot())
@@ -78,6 +87,8 @@ class Slots:
         return st
 
     def partitions(self, slot: str) -> dict[str, Region]:
+        from kiln.image import layout
+
         return {key: self.disk.region(layout.part_name(key, slot)) for key in ("boot", "root", "hash")}
 
     def write_image(
@@ -91,4 +102,6 @@ class Slots:
             raise SlotError(f"refusing to write slot {slot}: it is the running slot")
         if st.flags(slot) != Flags(0, 0, False):
             raise SlotError(f"refusing to write slot {slot}: it is not cleared", hint="run clear-inactive first")
+        from kiln.host.slot.disk import write_partition
+
         return write_partition(self.partitions(slot)[key], chunks, digest=digest)
