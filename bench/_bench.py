@@ -640,3 +640,14 @@ def power_off(vm: Vm) -> str:
         vm.wait_for(r"kiln: status ", 30)
     ending = vm.shutdown(timeout=180)
     return "clean power-off" if ending in (Ending.POWERED_OFF, Ending.REBOOTED) else "power-off timed out; killed"
+
+
+def json_line(out: str) -> Any:
+    """The last line of `out` that is a JSON object."""
+    for line in reversed(out.splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError(f"no JSON line in the guest's output: {out[-500:]!r}")

@@ -178,17 +178,6 @@ def show(vm: Vm, unit: str, *props: str) -> dict[str, str]:
     return {k: v for k, v in pairs if k in props}
 
 
-def json_line(out: str) -> Any:
-    """The last line of `out` that is a JSON object."""
-    for line in reversed(out.splitlines()):
-        if line.strip().startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    raise ValueError(f"no JSON line in the guest's output: {out[-500:]!r}")
-
-
 def seconds(raw: str | None) -> float | None:
     """A systemd *TimestampMonotonic (µs since the kernel started) in seconds; None when unset."""
     return int(raw) / 1e6 if raw and raw.isdigit() and int(raw) else None
@@ -202,7 +191,7 @@ def boot_share(vm: Vm) -> dict[str, Any]:
     entered = "ActiveEnterTimestampMonotonic"
     ready = seconds(show(vm, "kiln-ready.target", entered).get(entered))
     booted = seconds(show(vm, "kiln-booted.target", entered).get(entered))
-    steps = json_line(vm.check("tr -d '\\n' < /run/kiln/boot-settings.json; echo"))
+    steps = B.json_line(vm.check("tr -d '\\n' < /run/kiln/boot-settings.json; echo"))
     wall = None if start is None or ready1 is None else ready1 - start
     work = steps.get("total")
     return {
@@ -223,7 +212,7 @@ def boot_share(vm: Vm) -> dict[str, Any]:
 
 def guest_py(vm: Vm, code: str, *args: str) -> Any:
     vm.check(f"echo {base64.b64encode(code.encode()).decode()} | base64 -d > /tmp/bench.py")
-    return json_line(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180))
+    return B.json_line(vm.check(f"python3 -I /tmp/bench.py {' '.join(args)}", timeout=180))
 
 
 def memory_of(vm: Vm, unit: str) -> dict[str, int] | None:
@@ -264,7 +253,7 @@ def one_boot(vm: Vm, name: str) -> dict[str, Any]:
     vm.wait_shell()
     vm.check(f"echo {base64.b64encode(GET.encode()).decode()} | base64 -d > /tmp/bench-get.py")
     asked = time.monotonic()
-    first = json_line(vm.check("python3 -I /tmp/bench-get.py 1", timeout=180))
+    first = B.json_line(vm.check("python3 -I /tmp/bench-get.py 1", timeout=180))
     out: dict[str, Any] = {
         "api_first_response_s": first["seconds"][0],
         "api_first_status": first["status"],

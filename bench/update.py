@@ -507,6 +507,15 @@ def guest_probes(vm: Any) -> dict[str, float | None]:
     return out
 
 
+def boot_timeline(vm: Any) -> dict[str, Any]:
+    """Where this boot's time went, as the guest saw it: the agent's settings pipeline steps
+    (/run/kiln/boot-settings.json) and systemd's chain to the ready target, so the first
+    boot of a new version can be told apart from a plain reboot step by step."""
+    steps = vm.check("tr -d '\\n' < /run/kiln/boot-settings.json; echo", timeout=60)
+    chain = vm.check("systemd-analyze critical-chain --no-pager kiln-ready.target 2>&1 | tail -n +3", timeout=120)
+    return {"settings_pipeline": B.json_line(steps), "critical_chain": chain.strip().splitlines()[:40]}
+
+
 def guest_run(i: int, rel1: Release, rel2: Release, bench_repo: Path, port: int, work: Path) -> dict[str, Any]:
     from kiln.repo import publish
     from kiln.repo.serve import RepoServer
@@ -542,6 +551,7 @@ def guest_run(i: int, rel1: Release, rel2: Release, bench_repo: Path, port: int,
             out["update_milestones_s"] = mu = milestones(clock, sent, READY_2)
             out["update_s"] = segments(mu, update=True)
             vm.wait_shell()
+            out["update_boot_timeline"] = boot_timeline(vm)
             out["guest_probes_s"] = guest_probes(vm)
             B.log(f"guest run {i + 1}: plain reboot of 2.0.0")
             vm.mark()
@@ -551,6 +561,8 @@ def guest_run(i: int, rel1: Release, rel2: Release, bench_repo: Path, port: int,
             time.sleep(0.2)
             out["reboot_milestones_s"] = mr = milestones(clock, sent, READY_2)
             out["reboot_s"] = segments(mr, update=False)
+            vm.wait_shell()
+            out["reboot_timeline"] = boot_timeline(vm)
     finally:
         vm.kill()
         log = B.CACHE / "logs" / f"update-guest{i}.txt"
