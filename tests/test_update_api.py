@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,8 @@ from kiln.host.api.server import LocalServer
 from kiln.host.datastore import Datastore
 from kiln.host.slot import Slots
 from kiln.host.update.agent import Agent
-from kiln.host.update.control import UpdateControl
+from kiln.host.update.control import UpdateControl, revision
+from kiln.host.update.status import Status
 from kiln.repo.metadata import Repo
 from tests.controlled_repo import ControlledRepo, published
 from tests.helpers import fake_release, small_disk
@@ -186,6 +188,26 @@ def test_a_held_long_poll_is_answered_when_the_server_stops(call: Call, api: Api
     api.close()  # what a stopping server does before it waits for its requests in flight
     poll.join(10)
     assert answers and answers[0].status == 200 and time.monotonic() - started < 2
+
+
+def test_a_command_cut_off_by_a_dead_agent_is_written_as_failed_when_the_next_agent_starts(
+    updates: Updates, tmp_path: Path
+) -> None:
+    """A client long-polling on the revision it saw before the agent died must hear of the
+    end from the next agent at once: the file itself changes, not only the report."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    paths = updates.agent().paths
+    paths.status.parent.mkdir(parents=True, exist_ok=True)
+    running = {"cmd_type": "prepare", "cmd_status": "Running", "id": 3, "pid": dead.pid, "timestamp": "t"}
+    Status(update_state="Available", most_recent_command=running).save(paths.status)
+    before = revision(paths.status)
+    control = updates.control()  # what the restarted agent makes on its first update request
+    assert revision(paths.status) != before
+    cmd = Status.load(paths.status).most_recent_command
+    assert cmd is not None and (cmd["cmd_status"], cmd["id"]) == ("Failed", 3) and "interrupted" in cmd["stderr"]
+    st = control.status(before, 20.0)  # answered at once, not after 20 s
+    assert st["most_recent_command"]["cmd_status"] == "Failed" and st["revision"] != before
 
 
 @pytest.mark.parametrize("wait", ["-1", "31", "nan", "inf", "soon"])

@@ -46,6 +46,8 @@ def run_command(client: Client, command: str, *, show: bool) -> dict[str, Any]:
                 raise
             time.sleep(RETRY)
             continue  # the API restarts on demand (socket activation)
+        if "revision" not in st:
+            time.sleep(RETRY)  # an agent from before the long poll answers at once: poll
         cmd = st.get("most_recent_command") or {}
         if int(cmd.get("id", 0)) > seen and cmd.get("cmd_status") != "Running":
             if show and last:

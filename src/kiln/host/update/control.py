@@ -26,7 +26,8 @@ from typing import Any
 
 from kiln.host.slot import Slots
 from kiln.host.update.agent import acquire
-from kiln.host.update.status import Paths, current
+from kiln.host.update.errors import Busy
+from kiln.host.update.status import Paths, Status, current, settle_interrupted
 
 WATCH = 0.05  # how often a long poll looks at the status file (a stat call)
 MAX_WAIT = 30.0  # the longest a long poll is held, well under a client's timeout
@@ -81,6 +82,24 @@ class UpdateControl:
         self.version = version or _running_version
         self.launch = launch
         self.stopping = threading.Event()  # set when the server stops: held long polls answer now
+        self._settle()
+
+    def _settle(self) -> None:
+        """Write an interrupted command's end into the status file itself, not only into
+        what is reported: the file's revision then moves, and a client long-polling on the
+        revision it saw before the agent died is answered at once by the new agent."""
+        if not self.paths.status.exists():
+            return
+        try:
+            fd = acquire(self.paths)
+        except Busy:
+            return  # a command runs: it writes the status itself
+        try:
+            st = Status.load(self.paths.status)
+            if settle_interrupted(st):
+                st.save(self.paths.status)
+        finally:
+            os.close(fd)
 
     def status(self, since: str | None = None, wait: float = 0.0) -> dict[str, Any]:
         """The status; its `revision` names the status file's version. A long poll when

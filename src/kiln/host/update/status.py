@@ -156,6 +156,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def settle_interrupted(st: Status) -> bool:
+    """A command recorded as running whose process is gone was cut off (the agent was
+    killed, the host lost power): record it as failed. True if it was."""
+    cmd = st.most_recent_command
+    if not (cmd and cmd.get("cmd_status") == "Running" and not _alive(int(cmd.get("pid", 0)))):
+        return False
+    cmd = {**cmd, "cmd_status": "Failed", "exit_status": None, "stderr": "interrupted (the agent stopped)"}
+    cmd.pop("pid", None)
+    st.most_recent_command = cmd
+    return True
+
+
 def reconcile(
     st: Status, slots: dict[str, Any], running: str, versions: dict[str, str], failed: frozenset[str] = frozenset()
 ) -> Status:
@@ -166,11 +178,7 @@ def reconcile(
     active = slots["active"]
     inactive = "B" if active == "A" else "A"
     flags = slots[inactive]
-    cmd = st.most_recent_command
-    if cmd and cmd.get("cmd_status") == "Running" and not _alive(int(cmd.get("pid", 0))):
-        cmd = {**cmd, "cmd_status": "Failed", "exit_status": None, "stderr": "interrupted (the agent stopped)"}
-        cmd.pop("pid", None)
-        st.most_recent_command = cmd
+    settle_interrupted(st)
     valid = flags["tries_left"] > 0 or flags["successful"]
     if st.update_state in (STAGED, READY):
         if not valid or versions.get(inactive) != st.staged_version:
