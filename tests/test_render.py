@@ -201,6 +201,28 @@ def test_a_restart_predicate_leaves_the_refused_services_to_the_caller(
     assert (root / "etc/systemd/timesyncd.conf.d/80-kiln.conf").read_text() == "NTP=a b\n"
 
 
+def test_the_boot_restarts_only_services_whose_files_came_out_different(
+    rig: tuple[Datastore, Templates, Path, Path],
+) -> None:
+    """The first boot of a new version renders everything again: the services already run
+    with the files the initramfs restored, and restarting them for the same bytes is waste."""
+    store, templates, root, marker = rig
+    store.patch({"motd": "hello", "ntp": {"time-servers": ["a", "b"]}})
+    store.commit()
+    apply(store, None, templates=templates, root=root)  # the previous render (what was restored)
+    marker.unlink()
+    (root / "etc/motd").write_text("an older motd\n")  # restored from a different render
+    report = apply(store, None, templates=templates, root=root, only_changed=True)
+    assert "motd" in report.restarted and "ntp" in report.kept and "ntp" not in report.restarted
+    assert "ntp-1" not in restarts(marker) and "motd" in restarts(marker)
+    assert (root / "etc/motd").read_text() == "hello on 9.8.7\n"
+    assert report.to_json()["kept"] == report.kept
+    # without only_changed (an API apply) every affected service restarts, as before
+    marker.unlink()
+    report = apply(store, None, templates=templates, root=root)
+    assert report.kept == [] and "ntp" in report.restarted and "kept" not in report.to_json()
+
+
 def test_the_boot_defers_exactly_the_services_the_agent_hosts() -> None:
     """Of the image's services, the boot leaves to the agent those whose restart signals it
     (it starts them after the pipeline); every other one is restarted as before."""

@@ -41,7 +41,7 @@ def run(
         return None
     from kiln.host.render.apply import apply  # Jinja2 and the subprocess gateway: only now
 
-    return apply(store, None, root=root, cache=cache, templates=templates, restart=restart)
+    return apply(store, None, root=root, cache=cache, templates=templates, restart=restart, only_changed=True)
 
 
 def main() -> int:

@@ -3,8 +3,8 @@
 `apply(store, keys)` renders only what the changed keys touch; `apply(store, None)` renders
 every configuration file (the boot does this once). Files are written atomically; a file
 whose template `requires` a setting that is unset is removed rather than left stale.
-Restart commands run only for services whose files were (re)rendered, each with a timeout;
-a failure is reported and does not stop the other services.
+Restart commands run only for services whose files were (re)rendered (at boot: and came
+out different), each with a timeout; a failure is reported and does not stop the others.
 """
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ class ApplyReport:
     errors: list[str] = field(default_factory=list)  # files that did not render: the host is not healthy
     failed_restarts: list[str] = field(default_factory=list)  # reported, but a bad value must not block boots
     deferred: list[str] = field(default_factory=list)  # services whose restart the caller does itself
+    kept: list[str] = field(default_factory=list)  # not restarted: their files came out byte for byte the same
 
     def to_json(self) -> dict[str, Any]:
-        """The API's ApplyReport; `deferred` only where something was (the boot's record:
-        the API's applies run every restart command)."""
+        """The API's ApplyReport; `deferred` and `kept` only where something was (the boot's
+        record: the API's applies run every restart command)."""
         out = dict(self.__dict__)
-        if not self.deferred:
-            del out["deferred"]
+        for optional in ("deferred", "kept"):
+            if not out[optional]:
+                del out[optional]
         return out
 
 
@@ -58,6 +60,7 @@ def apply(
     root: Path = Path("/"),
     restart: Restart = True,
     cache: RenderCache | None = None,
+    only_changed: bool = False,
 ) -> ApplyReport:
     """Render and restart for `keys` (None: everything). `root` relocates written files (tests).
 
@@ -68,10 +71,15 @@ def apply(
     With a `cache`, every file written or removed is mirrored there. Only a complete, clean
     render records what the files match (see kiln.host.render.cache); a partial apply or a
     failed one invalidates it, so the next boot renders everything once.
+    `only_changed` (the boot's render): a service whose files all came out the same as
+    they were on disk is not restarted (reported as kept). At boot the services started
+    with the files the initramfs restored; the first boot of a new version renders
+    everything again, and mostly to the same bytes.
+
     One apply at a time on the host (an flock beside the datastore), whichever process runs it.
     """
     with exclusive_lock(store.root / "apply.lock"):
-        return _apply(store, keys, templates or Templates(), root, restart, cache)
+        return _apply(store, keys, templates or Templates(), root, restart, cache, only_changed)
 
 
 def _apply(
@@ -81,6 +89,7 @@ def _apply(
     root: Path,
     restart: Restart,
     cache: RenderCache | None,
+    only_changed: bool = False,
 ) -> ApplyReport:
     definitions = store.definitions()
     services = sorted(definitions.services) if keys is None else definitions.services_for(keys)
@@ -89,6 +98,7 @@ def _apply(
     osr = os_release_bytes(root)
     context = {"settings": settings, "os": os_release(root / "etc/os-release")}
     rendered: dict[str, bytes | None] = {}  # configuration file name → content (None: removed)
+    same: set[str] = set()  # configuration files whose content did not change
     if cache is not None:
         cache.forget()  # a crash during a render must not leave a cache that looks current
     for name in definitions.files_for(services):
@@ -96,8 +106,11 @@ def _apply(
         target = root / cf.path.lstrip("/")
         try:
             fm = templates.front_matter(cf.template_path)
+            before = _content(target)
             if any(not has_path({"settings": settings}, k) for k in fm.requires):
-                if target.exists():
+                if before is None:
+                    same.add(name)
+                else:
                     target.unlink()
                     report.removed.append(cf.path)
                 if cache is not None:
@@ -105,6 +118,8 @@ def _apply(
                 rendered[name] = None
                 continue
             data = templates.render(cf.template_path, context).encode()
+            if data == before:
+                same.add(name)
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, data, mode=fm.mode)
             if cache is not None:
@@ -121,8 +136,12 @@ def _apply(
         cache.record(digest(settings, osr), files)
     if restart:
         for svc in services:
-            if any(f not in rendered for f in definitions.services[svc].configuration_files):
+            names = definitions.services[svc].configuration_files
+            if any(f not in rendered for f in names):
                 report.errors.append(f"service '{svc}': not restarted, a configuration file failed to render")
+                continue
+            if only_changed and names and all(f in same for f in names):
+                report.kept.append(svc)
                 continue
             commands = definitions.services[svc].restart_commands
             if callable(restart) and not all(restart(c) for c in commands):
@@ -132,6 +151,15 @@ def _apply(
     for problem in [*report.errors, *report.failed_restarts]:
         log.error("%s", problem)
     return report
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b""  # unreadable: never the same as what renders (the file is replaced)
 
 
 def _restart(service: str, commands: list[str], report: ApplyReport) -> None:
