@@ -5,6 +5,7 @@ veritysetup and by reading the partitions back."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from kiln.host.slot import Flags, Slots
 from kiln.host.update import migrate
 from kiln.host.update.agent import Agent
-from kiln.host.update.errors import NotAllowed, NothingChosen, UntrustedUpdate
+from kiln.host.update.errors import NotAllowed, NothingChosen, UntrustedUpdate, UpdateError
 from kiln.host.update.manifest import Version
 from kiln.host.update.status import Paths, Status
 from kiln.repo import admin, publish
@@ -235,6 +236,27 @@ def test_tampered_cached_migration_is_refused_and_datastore_untouched(
     with pytest.raises(UntrustedUpdate, match="does not match its signed length/hash"):
         migrate.plan(store, Version.parse("2.0.0"), cache, agent.paths.root.read_bytes())
     assert migrate.datastore_version(store) == Version(1, 0, 0)
+
+
+def test_a_release_without_migrations_is_planned_without_verifying_the_cache(
+        tmp_path: Path, disk: Path, repo: ControlledRepo, releases: dict[str, Path]) -> None:
+    """Nothing to run: the manifest is not verified (no TUF client on the way to ready).
+    With migrations to run, the same unverifiable cache is refused."""
+    publish.add(repo.directory, releases["2.0.0"], waves="none")
+    agent = make_agent(tmp_path, disk, repo)
+    agent.run("refresh")
+    agent.run("prepare")
+    cache = agent.paths.migrations
+    shutil.rmtree(cache / "metadata")  # nothing could be verified now
+    store = datastore(tmp_path / "ds", "1.0.0", "Welcome to Kiln!")
+    plan = migrate.plan(store, Version.parse("2.0.0"), cache, agent.paths.root.read_bytes())
+    assert plan is not None and plan.migrations == {}
+    doc = json.loads((cache / "manifest.json").read_text())  # now claim a migration it never signed
+    doc["migrations"] = {"(1.0.0, 2.0.0)": ["migrate_2.0.0_evil.py"]}
+    (cache / "manifest.json").write_text(json.dumps(doc))
+    (cache / "migrate_2.0.0_evil.py").write_text("#!/bin/sh\ntouch /pwned\n")
+    with pytest.raises(UpdateError):
+        migrate.plan(store, Version.parse("2.0.0"), cache, agent.paths.root.read_bytes())
 
 
 def test_failing_migration_leaves_the_datastore_in_use(tmp_path: Path) -> None:
