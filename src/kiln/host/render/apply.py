@@ -106,19 +106,18 @@ def _apply(
         target = root / cf.path.lstrip("/")
         try:
             fm = templates.front_matter(cf.template_path)
-            before = _content(target)
             if any(not has_path({"settings": settings}, k) for k in fm.requires):
-                if before is None:
-                    same.add(name)
-                else:
+                if target.exists():
                     target.unlink()
                     report.removed.append(cf.path)
+                else:
+                    same.add(name)
                 if cache is not None:
                     cache.removed(cf.path)
                 rendered[name] = None
                 continue
             data = templates.render(cf.template_path, context).encode()
-            if data == before:
+            if only_changed and _content(target) == data:  # read only where it decides something
                 same.add(name)
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, data, mode=fm.mode)
@@ -154,12 +153,11 @@ def _apply(
 
 
 def _content(path: Path) -> bytes | None:
+    """The file's bytes; None when it is missing or unreadable (never the same as a render)."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        return None
     except OSError:
-        return b""  # unreadable: never the same as what renders (the file is replaced)
+        return None
 
 
 def _restart(service: str, commands: list[str], report: ApplyReport) -> None:
